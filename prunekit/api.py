@@ -1,0 +1,98 @@
+"""The public Python API: ``prune(model, config, data) -> PruneResult``, plus load/evaluate."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from .calibration.text import calibration_windows, load_text, tokenize
+from .config import PruneConfig
+from .errors import ConfigError
+from .evaluate import Perplexity, peak_rss_mb, perplexity, sparsity_report
+from .export import save_pretrained
+from .models.loading import load_model
+from .schedules import prune_oneshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """A pruned model (pruned in place), the recipe that produced it, and its report."""
+
+    model: nn.Module
+    config: PruneConfig
+    report: dict[str, Any]
+    tokenizer: Any = field(default=None, repr=False)
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Save as a Hugging Face directory with ``prunekit_recipe.yaml`` and ``prunekit_report.json``."""
+        return save_pretrained(self.model, self.tokenizer, path, recipe_yaml=self.config.to_yaml(),
+                               report=self.report, overwrite=overwrite)
+
+
+def load(model: str) -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) from a local dir, hub id, .gguf file or ``default``."""
+    m, tok, _ = load_model(model)
+    return m, tok
+
+
+def as_config(config: PruneConfig | str | dict[str, Any] | None) -> PruneConfig:
+    """A PruneConfig from a config, a method name, a recipe dict, or a YAML recipe path."""
+    if config is None:
+        return PruneConfig.from_method("wanda")
+    if isinstance(config, PruneConfig):
+        return config
+    if isinstance(config, dict):
+        return PruneConfig.from_dict(config)
+    if isinstance(config, str):
+        if config.endswith((".yaml", ".yml")):
+            return PruneConfig.from_yaml(Path(config))
+        return PruneConfig.from_method(config)
+    raise ConfigError(f"config must be a PruneConfig, method name, dict or YAML path, not {type(config).__name__}")
+
+
+def calibration_data(tokenizer: Any, text: str, config: PruneConfig) -> Tensor:
+    """(nsamples, seqlen) token windows from a text spec (file, ``default``, hub name)."""
+    c = config.calibration
+    return calibration_windows(tokenize(tokenizer, load_text(text, "calib")), c.nsamples, c.seqlen, c.seed)
+
+
+def prune(model: nn.Module | str, config: PruneConfig | str | dict[str, Any] | None = None,
+          data: Tensor | str | None = None, *, tokenizer: Any = None, progress: bool = True) -> PruneResult:
+    """Prune ``model`` in place and report.
+
+    ``model``: an nn.Module (HF causal LM) or a MODEL spec string. ``config``: PruneConfig,
+    method name, recipe dict or YAML path. ``data``: (nsamples, seqlen) token ids, or a
+    text spec (file, ``default``, hub dataset) tokenised with ``tokenizer``.
+    """
+    cfg = as_config(config)
+    if isinstance(model, str):
+        model, loaded_tok, _ = load_model(model)
+        tokenizer = tokenizer or loaded_tok
+    if isinstance(data, str):
+        data = calibration_data(tokenizer, data, cfg) if cfg.needs_data else None
+    start = time.perf_counter()
+    amounts = prune_oneshot(model, cfg, data, progress=progress)
+    seconds = time.perf_counter() - start
+    nm = (cfg.pattern.n, cfg.pattern.m) if cfg.pattern.kind == "nm" else None
+    report = sparsity_report(model, nm=nm, ignore=cfg.target.ignore)
+    for name, amount in amounts.items():
+        report["layers"][name]["allocated"] = amount
+    report.update(seconds=seconds, peak_rss_mb=peak_rss_mb(), method=cfg.method, pattern=str(cfg.pattern),
+                  allocation=cfg.allocation.name, target_sparsity=cfg.sparsity)
+    log.info("pruned to %.4f sparsity in %.1f s", report["sparsity"], seconds)
+    return PruneResult(model, cfg, report, tokenizer)
+
+
+def evaluate_perplexity(model: nn.Module, tokenizer: Any, text: str = "default", *, seqlen: int = 512,
+                        max_tokens: int | None = None, progress: bool = True) -> Perplexity:
+    """Perplexity of ``model`` on a text spec's evaluation split."""
+    return perplexity(model, tokenize(tokenizer, load_text(text, "eval")), seqlen, max_tokens, progress)
+
+
+__all__ = ["PruneResult", "prune", "load", "as_config", "calibration_data", "evaluate_perplexity"]

@@ -1,0 +1,188 @@
+"""Command line: ``prunekit prune | eval | list``. With ``--json`` the last stdout line is one
+JSON object; logs and progress go to stderr. Errors exit with status 2 and write nothing."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from typing import Any, Sequence
+
+from .errors import PrunekitError
+
+log = logging.getLogger("prunekit")
+
+EPILOG = """MODEL: a local Hugging Face directory, a hub id, a .gguf file, or 'default'
+(SmolLM2-135M-Instruct). TEXT: a local text file, 'default' (bundled Python docstring
+corpus; disjoint calibration and evaluation parts), or a hub dataset name (wikitext2, c4)."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description="Prune PyTorch models.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,eval,list}")
+
+    p = sub.add_parser("prune", help="one-shot prune a causal LM and save it", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--method", default="wanda", help="magnitude, random, wanda or sparsegpt (default wanda)")
+    p.add_argument("--recipe", help="YAML recipe (from a saved result); replaces --method and the axis flags")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed, in [0, 1) (default 0.5)")
+    p.add_argument("--pattern", default="unstructured",
+                   help="unstructured (each score's own comparison group), unstructured:row, unstructured:layer, or N:M like 2:4")
+    p.add_argument("--allocation", default="uniform", help="uniform, global or owl")
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (default 5)")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL sparsity spread lambda (default 0.08)")
+    p.add_argument("--calib", default="default", metavar="TEXT", help="calibration text (default: bundled corpus)")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward pass; default all at once (one pass per block, layers pruned in "
+                        "order); smaller bounds memory but runs each block twice")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block size")
+    p.add_argument("--damp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean Hessian diagonal")
+    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
+                   help="leave layers whose name matches dense (repeatable)")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to save the pruned model in")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--eval", metavar="TEXT", help="also report perplexity on TEXT after pruning")
+    p.add_argument("--eval-max-tokens", type=int, default=None)
+    _common(p)
+
+    e = sub.add_parser("eval", help="perplexity and sparsity of a model", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("model", metavar="MODEL")
+    e.add_argument("--text", default="default", metavar="TEXT", help="evaluation text (default: bundled corpus)")
+    e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    _common(e)
+
+    ls = sub.add_parser("list", help="list methods, scores, patterns, allocations, reconstructions")
+    ls.add_argument("--json", action="store_true")
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    from .config import Allocation, Calibration, PruneConfig, SparseGPTParams, Target
+
+    if args.recipe:
+        return PruneConfig.from_yaml(args.recipe)
+    return PruneConfig.from_method(
+        args.method, sparsity=args.sparsity, pattern=args.pattern,
+        allocation=Allocation(args.allocation, args.owl_m, args.owl_lambda),
+        calibration=Calibration(args.nsamples, args.seqlen, args.batch_size, args.seed),
+        sparsegpt=SparseGPTParams(args.blocksize, args.damp), target=Target(tuple(args.ignore)), seed=args.seed,
+    )
+
+
+def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import calibration_data, evaluate_perplexity, prune
+    from .evaluate import peak_rss_mb
+    from .export import check_output
+    from .models.loading import load_model
+
+    t0 = time.perf_counter()
+    config = _config(args)  # bad flags fail here, before anything is loaded or written
+    check_output(args.output, args.overwrite)
+    model, tokenizer, _ = load_model(args.model)
+    data = calibration_data(tokenizer, args.calib, config) if config.needs_data else None
+    result = prune(model, config, data, tokenizer=tokenizer, progress=not args.quiet)
+    out: dict[str, Any] = {k: result.report[k] for k in (
+        "method", "pattern", "allocation", "target_sparsity", "sparsity", "params_total", "params_nonzero", "seconds")}
+    if "nm_valid" in result.report:
+        out["nm_valid"] = result.report["nm_valid"]
+    if args.eval:
+        ppl = evaluate_perplexity(model, tokenizer, args.eval, seqlen=config.calibration.seqlen,
+                                  max_tokens=args.eval_max_tokens, progress=not args.quiet)
+        out.update(perplexity=ppl.perplexity, tokens=ppl.tokens)
+        result.report.update(perplexity=ppl.perplexity, eval_tokens=ppl.tokens, eval_text=args.eval)
+    result.report["calib"] = args.calib
+    out["output"] = str(result.save(args.output, overwrite=args.overwrite))
+    out.update(total_seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
+    log.info("saved to %s (sparsity %.4f, %.1f s)", out["output"], out["sparsity"], out["seconds"])
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import evaluate_perplexity
+    from .evaluate import peak_rss_mb, sparsity_report
+    from .models.loading import load_model
+
+    model, tokenizer, _ = load_model(args.model)
+    t0 = time.perf_counter()
+    ppl = evaluate_perplexity(model, tokenizer, args.text, seqlen=args.seqlen, max_tokens=args.max_tokens,
+                              progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    report = sparsity_report(model)
+    log.info("perplexity %s on %d tokens", ppl.perplexity, ppl.tokens)
+    return {"perplexity": ppl.perplexity, "nll": ppl.nll, "tokens": ppl.tokens, "sparsity": report["sparsity"],
+            "params_total": report["params_total"], "params_nonzero": report["params_nonzero"],
+            "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
+    from .allocation import ALLOCATIONS
+    from .config import METHODS
+    from .patterns import PATTERNS
+    from .reconstruct import RECONSTRUCTIONS
+    from .scoring import SCORES
+
+    info = {
+        "methods": {m: {"score": METHODS.get(m)[0], "reconstruction": METHODS.get(m)[1]} for m in METHODS.names()},
+        "scores": SCORES.names(),
+        "patterns": PATTERNS.names() + ["N:M (e.g. 2:4, 4:8)"],
+        "allocations": ALLOCATIONS.names(),
+        "reconstructions": RECONSTRUCTIONS.names(),
+    }
+    if not args.json:
+        for key, value in info.items():
+            items = [f"{k} (score={v['score']}, reconstruction={v['reconstruction']})" for k, v in value.items()] \
+                if isinstance(value, dict) else value
+            print(f"{key}:\n  " + "\n  ".join(items))
+    return info
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    return obj
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    commands = {"prune": cmd_prune, "eval": cmd_eval, "list": cmd_list}
+    try:
+        out = commands[args.command](args)
+    except PrunekitError as exc:
+        print(f"prunekit: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(_finite(out)))
+    elif args.command != "list":
+        for key, value in out.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

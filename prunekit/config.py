@@ -1,0 +1,258 @@
+"""Typed, frozen configuration. Strings ("2:4", "owl") are parsed once, here."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+from .registry import Registry
+
+Group = Literal["row", "layer"]
+
+#: A method is a preset over the axes: name -> (score, reconstruction).
+METHODS: Registry[tuple[str, str]] = Registry("method")
+METHODS.register("magnitude")(("magnitude", "none"))
+METHODS.register("random")(("random", "none"))
+METHODS.register("wanda")(("wanda", "none"))
+METHODS.register("sparsegpt")(("obs", "sparsegpt"))
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Which shapes the zeros may take.
+
+    ``unstructured`` compares scores within a group: each output ``row`` (Wanda's
+    per-output comparison) or the whole ``layer``; ``None`` takes the score's own
+    default. ``nm`` keeps ``n`` of every ``m`` consecutive weights along the input
+    dimension of every row (2:4 is what sparse tensor cores accelerate).
+    """
+
+    kind: Literal["unstructured", "nm"] = "unstructured"
+    n: int = 0
+    m: int = 0
+    group: Group | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "nm":
+            if not (0 < self.n < self.m):
+                raise ConfigError(
+                    f"N:M pattern {self.n}:{self.m} needs 0 < N < M (N weights kept of every M); "
+                    "use e.g. 2:4 or 4:8"
+                )
+        elif self.kind != "unstructured":
+            raise ConfigError(f"unknown pattern kind {self.kind!r}; use 'unstructured' or 'nm'")
+        if self.group not in (None, "row", "layer"):
+            raise ConfigError(f"unknown comparison group {self.group!r}; use 'row' or 'layer'")
+
+    @classmethod
+    def parse(cls, text: str | Pattern) -> Pattern:
+        """Parse ``unstructured``, ``unstructured:row``, ``unstructured:layer`` or ``N:M``."""
+        if isinstance(text, Pattern):
+            return text
+        s = str(text).strip().lower()
+        if match := _NM.match(s):
+            return cls(kind="nm", n=int(match[1]), m=int(match[2]))
+        kind, _, group = s.partition(":")
+        if kind == "unstructured" and group in ("", "row", "layer"):
+            return cls(kind="unstructured", group=group or None)  # type: ignore[arg-type]
+        raise ConfigError(
+            f"unknown pattern {text!r}; use 'unstructured', 'unstructured:row', "
+            "'unstructured:layer', or N:M such as '2:4' or '4:8'"
+        )
+
+    @property
+    def sparsity(self) -> float | None:
+        """The sparsity an N:M pattern implies (None for unstructured)."""
+        return 1.0 - self.n / self.m if self.kind == "nm" else None
+
+    def __str__(self) -> str:
+        if self.kind == "nm":
+            return f"{self.n}:{self.m}"
+        return "unstructured" + (f":{self.group}" if self.group else "")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How much to prune in each layer. OWL: Yin et al. 2024, defaults M=5, lambda=0.08."""
+
+    name: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+
+    def __post_init__(self) -> None:
+        if self.owl_m <= 0 or not (0 <= self.owl_lambda < 0.5):
+            raise ConfigError(
+                f"OWL needs owl_m > 0 and 0 <= owl_lambda < 0.5, got {self.owl_m}, {self.owl_lambda}"
+            )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration samples: ``nsamples`` random windows of ``seqlen`` tokens.
+
+    ``batch_size``: windows per forward pass. None (default) runs all windows at once, so
+    each block runs a single pass and layers are pruned in execution order ("true
+    sequential"); a smaller batch bounds activation memory at the cost of a second pass.
+    """
+
+    nsamples: int = 32
+    seqlen: int = 512
+    batch_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("nsamples", "seqlen", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SparseGPTParams:
+    """SparseGPT's lazy-batch block size and Hessian dampening (fraction of mean diagonal)."""
+
+    blocksize: int = 128
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.blocksize < 1 or not (0 < self.damp < 1):
+            raise ConfigError(
+                f"SparseGPT needs blocksize >= 1 and 0 < damp < 1, got {self.blocksize}, {self.damp}"
+            )
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which layers are candidates: every Linear/Conv1D inside the model's blocks,
+    except those whose full name matches one of the ``ignore`` regular expressions."""
+
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for rx in self.ignore:
+            try:
+                re.compile(rx)
+            except re.error as exc:
+                raise ConfigError(f"ignore pattern {rx!r} is not a valid regular expression: {exc}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """A complete one-shot pruning recipe: one choice on each axis of DESIGN.md."""
+
+    score: str = "wanda"
+    reconstruction: str = "none"
+    sparsity: float = 0.5
+    pattern: Pattern = field(default_factory=Pattern)
+    allocation: Allocation = field(default_factory=Allocation)
+    calibration: Calibration = field(default_factory=Calibration)
+    sparsegpt: SparseGPTParams = field(default_factory=SparseGPTParams)
+    target: Target = field(default_factory=Target)
+    seed: int = 0
+    method: str | None = None
+
+    def __post_init__(self) -> None:
+        # Imported here: the registries live in lower layers that must not import config.
+        from .allocation import ALLOCATIONS
+        from .reconstruct import RECONSTRUCTIONS
+        from .scoring import SCORES
+
+        SCORES.get(self.score)
+        RECONSTRUCTIONS.get(self.reconstruction)
+        ALLOCATIONS.get(self.allocation.name)
+        if not isinstance(self.sparsity, (int, float)) or math.isnan(self.sparsity):
+            raise ConfigError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
+        if not (0.0 <= self.sparsity < 1.0):
+            raise ConfigError(
+                f"sparsity {self.sparsity} is outside [0, 1): it is the fraction of weights removed, "
+                "e.g. 0.5 for half"
+            )
+        implied = self.pattern.sparsity
+        if implied is not None:
+            if abs(self.sparsity - implied) > 1e-9:
+                raise ConfigError(
+                    f"pattern {self.pattern} removes exactly {implied:g} of every layer, "
+                    f"but sparsity {self.sparsity:g} was asked for; drop --sparsity or set it to {implied:g}"
+                )
+            if self.allocation.name != "uniform":
+                raise ConfigError(
+                    f"allocation {self.allocation.name!r} varies sparsity per layer, which an N:M pattern "
+                    "fixes; use --allocation uniform with N:M"
+                )
+            if self.reconstruction == "sparsegpt" and self.sparsegpt.blocksize % self.pattern.m:
+                raise ConfigError(
+                    f"SparseGPT blocksize {self.sparsegpt.blocksize} must be a multiple of M={self.pattern.m}"
+                )
+
+    @classmethod
+    def from_method(
+        cls, method: str, *, sparsity: float | None = None, pattern: str | Pattern = "unstructured", **kw: Any
+    ) -> PruneConfig:
+        """Build a config from a method preset (``magnitude``, ``random``, ``wanda``, ``sparsegpt``)."""
+        score, reconstruction = METHODS.get(method)
+        pat = Pattern.parse(pattern)
+        if sparsity is None:
+            sparsity = pat.sparsity if pat.sparsity is not None else 0.5
+        return cls(score=score, reconstruction=reconstruction, sparsity=sparsity, pattern=pat, method=method, **kw)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether calibration data is required by the score, reconstruction or allocation."""
+        from .allocation import ALLOCATIONS
+        from .scoring import SCORES
+
+        score = SCORES.get(self.score)
+        alloc_needs = ALLOCATIONS.get(self.allocation.name).uses_scores and bool(
+            SCORES.get(score.allocation_proxy).needs
+        )
+        return bool(score.needs) or self.reconstruction != "none" or alloc_needs
+
+    # -- serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["pattern"] = str(self.pattern)
+        d["target"]["ignore"] = list(self.target.ignore)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruneConfig:
+        d = dict(d)
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown recipe keys {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        if "pattern" in d:
+            d["pattern"] = Pattern.parse(d["pattern"])
+        for f in fields(cls):
+            sub = d.get(f.name)
+            if isinstance(sub, dict) and f.name != "pattern":
+                sub_cls = type(getattr(cls(), f.name)) if f.name != "pattern" else Pattern
+                if not is_dataclass(sub_cls):
+                    raise ConfigError(f"recipe key {f.name!r} takes a value, not a mapping")
+                known = {g.name for g in fields(sub_cls)}
+                if set(sub) - known:
+                    raise ConfigError(f"unknown keys {sorted(set(sub) - known)} under {f.name!r}; known: {sorted(known)}")
+                if "ignore" in sub:
+                    sub = {**sub, "ignore": tuple(sub["ignore"])}
+                d[f.name] = sub_cls(**sub)
+        return cls(**d)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump({"prunekit_recipe": self.to_dict()}, sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> PruneConfig:
+        text = Path(source).read_text() if isinstance(source, Path) or "\n" not in str(source) and Path(str(source)).exists() else str(source)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("recipe must be a YAML mapping")
+        return cls.from_dict(data.get("prunekit_recipe", data))

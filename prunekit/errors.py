@@ -1,0 +1,29 @@
+"""Exception types. Every error names the bad value, what was expected, and the fix."""
+
+
+class PrunekitError(Exception):
+    """Base class of all errors prunekit raises on purpose (the CLI exits 2 on these)."""
+
+
+class ConfigError(PrunekitError, ValueError):
+    """A configuration value is out of range or unknown."""
+
+
+class ModelLoadError(PrunekitError):
+    """A model path is missing, corrupt, or cannot be resolved."""
+
+
+class UnsupportedModelError(PrunekitError):
+    """The model's architecture lacks something prunekit needs (blocks, supported layers)."""
+
+
+class DataError(PrunekitError):
+    """Calibration or evaluation text is missing, empty or too short."""
+
+
+class CalibrationError(PrunekitError):
+    """Calibration failed numerically (NaN/Inf activations, singular statistics)."""
+
+
+class OutputError(PrunekitError):
+    """The output location cannot be written."""

@@ -1,0 +1,49 @@
+"""Sparsity and size report: per-layer zeros, N:M validity, parameter counts."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import find_blocks
+from ..patterns import is_nm
+from ..targets import select_layers, weight_2d
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, nonzero) over unique parameters (tied weights counted once)."""
+    total = nonzero = 0
+    for p in model.parameters():  # .parameters() already de-duplicates shared tensors
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p))
+    return total, nonzero
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, nm: tuple[int, int] | None = None, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Per-layer and overall sparsity of the prunable layers inside the model's blocks."""
+    blocks_name, blocks = find_blocks(model)
+    layers: dict[str, Any] = {}
+    zeros = numel = 0
+    for i, block in enumerate(blocks):
+        for name, module in select_layers(block, f"{blocks_name}.{i}", ignore).items():
+            w = weight_2d(module)
+            z = int(w.numel() - torch.count_nonzero(w))
+            entry: dict[str, Any] = {"shape": list(w.shape), "sparsity": z / w.numel()}
+            if nm is not None:
+                entry["nm_valid"] = is_nm(w, *nm)
+            layers[name] = entry
+            zeros += z
+            numel += w.numel()
+    total, nonzero = count_params(model)
+    report: dict[str, Any] = {
+        "sparsity": zeros / max(numel, 1),
+        "pruned_layers_params": numel,
+        "params_total": total,
+        "params_nonzero": nonzero,
+        "layers": layers,
+    }
+    if nm is not None:
+        report["nm_valid"] = all(e["nm_valid"] for e in layers.values())
+    return report

@@ -1,0 +1,23 @@
+"""Where the blocks of a decoder-only model are. Works for any model whose transformer
+blocks live in one nn.ModuleList (Llama, Mistral, Qwen, Gemma, OPT, GPT-2, Phi, ...)."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding most of the model's parameters, and its qualified name."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    if best is None or best[0] == 0:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no nn.ModuleList of blocks; prunekit's layer-by-layer "
+            "runner needs the transformer blocks in one ModuleList (e.g. model.model.layers)"
+        )
+    return best[1], best[2]

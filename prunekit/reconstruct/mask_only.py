@@ -1,0 +1,23 @@
+"""No reconstruction: score each layer once, mask, and zero the pruned weights."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from .base import RECONSTRUCTIONS, GroupProblem
+
+
+@RECONSTRUCTIONS.register("none")
+def mask_only(problem: GroupProblem) -> tuple[Tensor, Tensor]:
+    stats = problem.stats
+    if "hessian" in problem.score.needs:
+        upper, _ = problem.inverse_factor()  # U^T U = H^-1: [H^-1]_jj is column j's squared norm
+        stats = replace(stats, hinv_sqrt_diag=upper.square().sum(dim=0).sqrt())
+    weight = problem.weight  # (out, in)
+    pruned = torch.empty_like(weight, dtype=torch.bool)
+    for seg in problem.segments:
+        rows = weight[seg.start : seg.stop]
+        pruned[seg.start : seg.stop] = seg.spec.mask(problem.score(rows, stats))
+    return weight.masked_fill(pruned, 0.0), pruned
