@@ -1,0 +1,83 @@
+"""The CLI contract: flags, --json last line, exit codes, nothing written on bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from prunekit.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_json(out):
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("method,pattern", [("magnitude", "unstructured"), ("random", "4:8"), ("wanda", "2:4"),
+                                            ("sparsegpt", "unstructured")])
+def test_prune_json_then_eval(capsys, tiny_llama_dir, tmp_path, method, pattern):
+    out_dir = tmp_path / "out"
+    code, out, _ = run(capsys, "prune", tiny_llama_dir, "--method", method, "--sparsity", "0.5", "--pattern", pattern,
+                       "--nsamples", 4, "--seqlen", 64, "--seed", 1, "--output", out_dir, "--json", "--quiet")
+    assert code == 0
+    rep = last_json(out)
+    assert rep["sparsity"] == 0.5 and rep["method"] == method and rep["seconds"] > 0 and rep["peak_rss_mb"] > 0
+    code, out, _ = run(capsys, "eval", out_dir, "--seqlen", 64, "--max-tokens", 512, "--json", "--quiet")
+    ev = last_json(out)
+    assert code == 0 and ev["tokens"] == 512 and ev["perplexity"] > 1 and ev["sparsity"] == 0.5
+
+
+def test_owl_allocation_and_eval_flag(capsys, tiny_llama_dir, tmp_path):
+    code, out, _ = run(capsys, "prune", tiny_llama_dir, "--method", "wanda", "--sparsity", "0.7", "--allocation", "owl",
+                       "--nsamples", 4, "--seqlen", 64, "--output", tmp_path / "o", "--eval", "default",
+                       "--eval-max-tokens", 256, "--json", "--quiet")
+    rep = last_json(out)
+    assert code == 0 and rep["allocation"] == "owl" and abs(rep["sparsity"] - 0.7) < 0.01 and rep["tokens"] == 256
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sparsity", "1.0"], "outside [0, 1)"),
+    (["--sparsity", "-0.2"], "outside [0, 1)"),
+    (["--pattern", "4:2"], "0 < N < M"),
+    (["--pattern", "2:3"], "not divisible by M=3"),
+    (["--pattern", "diagonal"], "unknown pattern"),
+    (["--method", "obd"], "unknown method 'obd'"),
+    (["--allocation", "erk"], "unknown allocation"),
+    (["--calib", "missing.txt"], "does not exist"),
+])
+def test_bad_input_exits_2_and_writes_nothing(capsys, tiny_llama_dir, tmp_path, args, message):
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "prune", tiny_llama_dir, "--nsamples", 2, "--seqlen", 64, "--output", out_dir, *args)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out_dir.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_model_paths(capsys, tmp_path):
+    code, _, err = run(capsys, "prune", tmp_path / "none", "--output", tmp_path / "o")
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(capsys, "eval", tmp_path)
+    assert code == 2 and "no config.json" in err
+
+
+def test_too_short_calibration(capsys, tiny_llama_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to calibrate on.")
+    code, _, err = run(capsys, "prune", tiny_llama_dir, "--calib", short, "--output", tmp_path / "o")
+    assert code == 2 and "fewer than one window" in err and not (tmp_path / "o").exists()
+
+
+def test_list(capsys):
+    code, out, _ = run(capsys, "list", "--json")
+    info = last_json(out)
+    assert code == 0 and set(info["methods"]) == {"magnitude", "random", "wanda", "sparsegpt"}
+    assert {"uniform", "global", "owl"} <= set(info["allocations"])
+
+
+def test_entry_point_help():
+    res = subprocess.run([sys.executable, "-m", "prunekit.cli", "prune", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--pattern" in res.stdout and "--allocation" in res.stdout
