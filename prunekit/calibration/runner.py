@@ -55,19 +55,21 @@ class InlinePruner:
     def __init__(self, layers: dict[str, nn.Module], hessian: bool, visit: GroupVisitor, where: str) -> None:
         self.layers, self.hessian, self.visit, self.where = layers, hessian, visit, where
         self.seen: set[str] = set()
-        self._inputs: list[tuple[Tensor, InputStats]] = []
+        self._last: tuple[Tensor, InputStats] | None = None  # layers sharing an input run back to back
 
     def _hook(self, name: str):
         def pre_hook(module: nn.Module, args: tuple) -> None:
             if name in self.seen:
                 return
             x = args[0]
-            stats = next((s for t, s in self._inputs if t is x), None)
-            if stats is None:
+            if self._last is not None and self._last[0] is x:
+                stats = self._last[1]
+            else:
+                self._last = None  # release the previous input before gathering the next
                 stats = InputStats(x.shape[-1], self.hessian, x.device)
                 stats.add(x.detach())
                 stats.check_finite(f"{name} (block {self.where})")
-                self._inputs.append((x, stats))
+                self._last = (x, stats)
             self.visit([name], stats)
             self.seen.add(name)
 
@@ -80,7 +82,7 @@ class InlinePruner:
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
-        self._inputs.clear()
+        self._last = None
 
 
 @torch.no_grad()

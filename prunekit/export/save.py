@@ -38,8 +38,7 @@ def save_pretrained(model: nn.Module, tokenizer: Any, path: str | Path, *, recip
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        # Shards bound the memory safetensors needs to serialise (it copies each file's tensors).
-        model.save_pretrained(tmp, max_shard_size="200MB")
+        model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
