@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..atomic import write_dir_atomically
 from ..errors import OutputError
 
 RECIPE_FILE = "prunekit_recipe.yaml"
@@ -35,22 +34,12 @@ def save_pretrained(model: nn.Module, tokenizer: Any, path: str | Path, *, recip
                     report: dict[str, Any], overwrite: bool = False) -> Path:
     """Write model (safetensors), tokenizer, recipe and report to ``path`` atomically."""
     out = check_output(path, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_dir_atomically(out, write, replace=True)

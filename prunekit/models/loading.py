@@ -7,13 +7,12 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..atomic import write_dir_atomically
 from ..errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -42,22 +41,6 @@ def default_gguf() -> Path:
     return path
 
 
-def _atomic_dir(dest: Path, write) -> Path:
-    """Write a directory under a temporary name next to ``dest``, then rename it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        write(tmp)
-        if dest.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
-
-
 def gguf_to_hf(path: Path) -> Path:
     """Convert a .gguf file to a float32 HF directory in the cache (once; ~1 minute for 135M)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,7 +66,7 @@ def gguf_to_hf(path: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_dir(dest, write)
+    return write_dir_atomically(dest, write, replace=False)
 
 
 def resolve(spec: str) -> str:
