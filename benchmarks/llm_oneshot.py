@@ -67,6 +67,8 @@ def main() -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
     p.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
+    p.add_argument("--block-order", nargs="*", default=["wanda", "sparsegpt"],
+                   help="methods also run with --sequential block (two passes, less memory), unstructured")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
@@ -95,26 +97,27 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="prunekit-bench-") as tmp:
         dense = run_json([py, "-m", "prunekit.cli", "eval", model_dir, *eval_flags])
-        for method in args.methods:
-            for pattern in args.patterns:
-                out = os.path.join(tmp, f"{method}-{pattern.replace(':', 'of')}")
-                r = run_json([py, "-m", "prunekit.cli", "prune", model_dir, "--method", method, "--pattern", pattern,
-                              "--sparsity", str(args.sparsity), "--nsamples", str(args.nsamples),
-                              "--seqlen", str(args.seqlen), "--output", out, "--json", "--quiet"])
-                e = run_json([py, "-m", "prunekit.cli", "eval", out, *eval_flags])
-                row = {"method": method, "pattern": pattern, "perplexity": e["perplexity"], "sparsity": r["sparsity"],
-                       "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
-                if llmc and method in ("wanda", "sparsegpt"):
-                    lout = out + "-llmc"
-                    lr = run_json([args.llmc_python, str(ROOT / "benchmarks" / "llmcompressor_run.py"), "--method", method,
-                                   "--pattern", pattern, "--sparsity", str(args.sparsity), "--nsamples", str(args.nsamples),
-                                   "--seqlen", str(args.seqlen), "--model", model_dir, "--output", lout, "--json"])
-                    le = run_json([py, "-m", "prunekit.cli", "eval", lout, *eval_flags])
-                    row.update(llmc_perplexity=le["perplexity"], llmc_seconds=lr["seconds"],
-                               llmc_peak_rss_mb=lr["peak_rss_mb"], llmc_version=lr.get("version"),
-                               time_ratio=r["seconds"] / lr["seconds"], memory_ratio=r["peak_rss_mb"] / lr["peak_rss_mb"])
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+        jobs = [(m, p, "layer") for m in args.methods for p in args.patterns]
+        jobs += [(m, "unstructured", "block") for m in args.block_order]
+        for method, pattern, order in jobs:
+            out = os.path.join(tmp, f"{method}-{pattern.replace(':', 'of')}-{order}")
+            r = run_json([py, "-m", "prunekit.cli", "prune", model_dir, "--method", method, "--pattern", pattern,
+                          "--sparsity", str(args.sparsity), "--nsamples", str(args.nsamples),
+                          "--seqlen", str(args.seqlen), "--sequential", order, "--output", out, "--json", "--quiet"])
+            e = run_json([py, "-m", "prunekit.cli", "eval", out, *eval_flags])
+            row = {"method": method, "pattern": pattern, "order": order, "perplexity": e["perplexity"],
+                   "sparsity": r["sparsity"], "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+            if llmc and method in ("wanda", "sparsegpt") and order == "layer":
+                lout = out + "-llmc"
+                lr = run_json([args.llmc_python, str(ROOT / "benchmarks" / "llmcompressor_run.py"), "--method", method,
+                               "--pattern", pattern, "--sparsity", str(args.sparsity), "--nsamples", str(args.nsamples),
+                               "--seqlen", str(args.seqlen), "--model", model_dir, "--output", lout, "--json"])
+                le = run_json([py, "-m", "prunekit.cli", "eval", lout, *eval_flags])
+                row.update(llmc_perplexity=le["perplexity"], llmc_seconds=lr["seconds"],
+                           llmc_peak_rss_mb=lr["peak_rss_mb"], llmc_version=lr.get("version"),
+                           time_ratio=r["seconds"] / lr["seconds"], memory_ratio=r["peak_rss_mb"] / lr["peak_rss_mb"])
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
     result = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "sparsity": args.sparsity,
               "dense_perplexity": dense["perplexity"], "eval_tokens": dense["tokens"], "matmul_gflops": gflops,
               **work, "bound_seconds": bound, "rows": rows}
@@ -126,17 +129,19 @@ def main() -> None:
 
 def markdown(r: dict[str, Any]) -> str:
     has_llmc = any("llmc_seconds" in row for row in r["rows"])
-    head = "| method | pattern | perplexity | seconds | peak MB |"
-    sep = "|---|---|---:|---:|---:|"
+    head = "| method | pattern | order | perplexity | seconds | peak MB |"
+    sep = "|---|---|---|---:|---:|---:|"
     if has_llmc:
         head += " llm-compressor perplexity | llm-compressor seconds | llm-compressor peak MB | time ratio | memory ratio |"
         sep += "---:|---:|---:|---:|---:|"
     lines = [f"SmolLM2-135M, {r['nsamples']}x{r['seqlen']} calibration tokens, sparsity {r['sparsity']}, "
              f"perplexity on {r['eval_tokens']} tokens of the bundled evaluation text (dense: "
              f"{r['dense_perplexity']:.2f}). fp32 matmul here: {r['matmul_gflops']:.0f} GFLOP/s, so one forward "
-             f"over the calibration tokens is {r['bound_seconds']['one_forward']:.1f} s at best.", "", head, sep]
+             f"over the calibration tokens is {r['bound_seconds']['one_forward']:.1f} s at best. Order 'layer' "
+             "(default) prunes each layer just before it runs, one pass per block; 'block' takes statistics from the "
+             "unpruned block and runs it twice. Ratios are prunekit / llm-compressor.", "", head, sep]
     for row in r["rows"]:
-        line = (f"| {row['method']} | {row['pattern']} | {row['perplexity']:.2f} | {row['seconds']:.1f} | "
+        line = (f"| {row['method']} | {row['pattern']} | {row['order']} | {row['perplexity']:.2f} | {row['seconds']:.1f} | "
                 f"{row['peak_rss_mb']:.0f} |")
         if has_llmc:
             line += (f" {row['llmc_perplexity']:.2f} | {row['llmc_seconds']:.1f} | {row['llmc_peak_rss_mb']:.0f} | "

@@ -96,22 +96,27 @@ class Allocation:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Calibration samples: ``nsamples`` random windows of ``seqlen`` tokens.
+    """Calibration samples: ``nsamples`` random windows of ``seqlen`` tokens, run through the
+    model ``batch_size`` windows at a time (None: all at once).
 
-    ``batch_size``: windows per forward pass. None (default) runs all windows at once, so
-    each block runs a single pass and layers are pruned in execution order ("true
-    sequential"); a smaller batch bounds activation memory at the cost of a second pass.
+    ``sequential``: ``"layer"`` prunes each layer just before it runs, from inputs produced by
+    the already-pruned layers before it, in one pass per block ("true sequential");
+    ``"block"`` takes every layer's statistics from the block before pruning and runs the
+    block twice (the order of the Wanda and SparseGPT reference code).
     """
 
     nsamples: int = 32
     seqlen: int = 512
-    batch_size: int | None = None
+    batch_size: int | None = 4
     seed: int = 0
+    sequential: Literal["layer", "block"] = "layer"
 
     def __post_init__(self) -> None:
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
+        if self.sequential not in ("layer", "block"):
+            raise ConfigError(f"unknown sequential order {self.sequential!r}; use 'layer' or 'block'")
 
 
 @dataclass(frozen=True)

@@ -61,11 +61,32 @@ def test_prunes_every_layer_exactly(family, method, pattern):
         assert torch.isfinite(model(input_ids=ids(2, 16)).logits).all()
 
 
+@pytest.mark.parametrize("bs", [1, 3, 8])
+def test_lockstep_is_chunking_invariant(bs):
+    """Layer order with batches in lockstep equals layer order on one batch of everything."""
+    a, b = tiny_model("llama"), tiny_model("llama")
+    x = ids(8, 32)
+    for model, size in ((a, None), (b, bs)):
+        prune_oneshot(model, PruneConfig.from_method("sparsegpt", calibration=Calibration(batch_size=size)), x,
+                      progress=False)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_lockstep_errors_propagate_without_hanging():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="down_proj"):
+        prune_oneshot(model, PruneConfig.from_method("wanda", calibration=Calibration(batch_size=2)), ids(),
+                      progress=False)
+
+
 def test_two_pass_is_chunking_invariant():
     a, b = tiny_model("llama"), tiny_model("llama")
     x = ids(8, 32)
     for model, bs in ((a, 2), (b, 4)):
-        cfg = PruneConfig.from_method("wanda", calibration=Calibration(batch_size=bs))
+        cfg = PruneConfig.from_method("wanda", calibration=Calibration(batch_size=bs, sequential="block"))
         prune_oneshot(model, cfg, x, progress=False)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p == 0, q == 0), n
@@ -76,8 +97,8 @@ def test_single_pass_equals_two_pass_when_layers_share_the_block_input():
     ignore = ("o_proj", "mlp")
     a, b = tiny_model("llama"), tiny_model("llama")
     x = ids(8, 32)
-    for model, bs in ((a, None), (b, 4)):
-        cfg = PruneConfig.from_method("sparsegpt", calibration=Calibration(batch_size=bs), target=Target(ignore))
+    for model, order in ((a, "layer"), (b, "block")):
+        cfg = PruneConfig.from_method("sparsegpt", calibration=Calibration(sequential=order), target=Target(ignore))
         prune_oneshot(model, cfg, x, progress=False)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         if "layers.0." in n:  # block 0 sees identical inputs in both modes
@@ -89,7 +110,7 @@ def test_single_pass_differs_from_dense_stats_downstream():
     a, b = tiny_model("llama"), tiny_model("llama")
     x = ids(8, 32)
     prune_oneshot(a, PruneConfig.from_method("wanda"), x, progress=False)
-    prune_oneshot(b, PruneConfig.from_method("wanda", calibration=Calibration(batch_size=4)), x, progress=False)
+    prune_oneshot(b, PruneConfig.from_method("wanda", calibration=Calibration(sequential="block")), x, progress=False)
     qa, qb = a.model.layers[0].self_attn.q_proj.weight, b.model.layers[0].self_attn.q_proj.weight
     assert torch.equal(qa == 0, qb == 0)  # first layer: same input either way
     da, db = a.model.layers[0].mlp.down_proj.weight, b.model.layers[0].mlp.down_proj.weight

@@ -2,34 +2,31 @@
 block's inputs, then for each block gather its layers' input statistics, let a visitor
 prune them, and feed the pruned block's outputs to the next block.
 
-Two ways to run a block that is being pruned:
+Two orders for a block that is being pruned:
 
-* **single pass** (all calibration windows in one batch, the default): each layer is pruned
-  in a forward pre-hook just before it runs, so every layer's statistics come from the
-  outputs of the already-pruned layers before it in the block (SparseGPT's "true
-  sequential" order) and the block runs once. Activation memory: all windows at once.
-* **two passes** (``batch_size`` < ``nsamples``): statistics from the block as it was,
-  pruning, then a second pass for the outputs. Activation memory: one batch.
+* ``sequential="layer"`` (default): one pass; each layer is pruned just before it runs, from
+  the inputs that the already-pruned layers before it produce (SparseGPT's "true
+  sequential" order), with batches in lockstep (see ``lockstep.py``).
+* ``sequential="block"``: statistics from the block as it was, pruning, then a second pass
+  for the outputs (the order of the Wanda and SparseGPT reference code).
 
-Memory is one block's statistics plus one (nsamples, seq, hidden) buffer overwritten in place.
+Memory: the model, one block's statistics, one batch's temporaries, and the
+(nsamples, seq, hidden) hidden states, replaced in place block by block.
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, UnsupportedModelError
 from .capture import BlockCall, capture_block_inputs
-from .stats import InputStats, StatsCollector, _StopBlock
+from .lockstep import GroupVisitor, Lockstep
+from .stats import StatsCollector, _StopBlock
 
 log = logging.getLogger(__name__)
 
-#: visit(layer names sharing one input, that input's statistics)
-GroupVisitor = Callable[[list[str], InputStats], None]
 
 
 def _check_finite(x: Tensor, where: str) -> None:
@@ -46,43 +43,6 @@ def _check_all_seen(layers: dict[str, nn.Module], seen: set[str], where: str) ->
         raise UnsupportedModelError(
             f"layers {sorted(missing)} were never called in the forward pass of {where}; exclude them with --ignore"
         )
-
-
-class InlinePruner:
-    """Forward pre-hooks that gather a layer's input statistics and visit (prune) it before it
-    runs. Layers fed the same tensor object share one ``InputStats`` (and its inverse factor)."""
-
-    def __init__(self, layers: dict[str, nn.Module], hessian: bool, visit: GroupVisitor, where: str) -> None:
-        self.layers, self.hessian, self.visit, self.where = layers, hessian, visit, where
-        self.seen: set[str] = set()
-        self._last: tuple[Tensor, InputStats] | None = None  # layers sharing an input run back to back
-
-    def _hook(self, name: str):
-        def pre_hook(module: nn.Module, args: tuple) -> None:
-            if name in self.seen:
-                return
-            x = args[0]
-            if self._last is not None and self._last[0] is x:
-                stats = self._last[1]
-            else:
-                self._last = None  # release the previous input before gathering the next
-                stats = InputStats(x.shape[-1], self.hessian, x.device)
-                stats.add(x.detach())
-                stats.check_finite(f"{name} (block {self.where})")
-                self._last = (x, stats)
-            self.visit([name], stats)
-            self.seen.add(name)
-
-        return pre_hook
-
-    def __enter__(self) -> InlinePruner:
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._last = None
 
 
 @torch.no_grad()
@@ -113,6 +73,7 @@ def run_sequential(
     hessian: bool,
     modifies: bool,
     batch_size: int | None = None,
+    sequential: str = "layer",
     progress: bool = True,
     desc: str = "blocks",
 ) -> None:
@@ -121,10 +82,10 @@ def run_sequential(
     ``ids``: (nsamples, seq) token ids. ``layers[i]``: block i's target layers by name.
     ``hessian``: gather X^T X (else per-feature squares only). ``modifies``: the visitor
     changes weights, so block outputs must come from the pruned block. ``batch_size``:
-    windows per forward; None runs all at once (single pass when ``modifies``).
+    windows per forward (None: all at once). ``sequential``: "layer" or "block" (above).
     """
     batches = ids.split(batch_size or ids.shape[0])
-    single_pass = modifies and len(batches) == 1
+    single_pass = modifies and sequential == "layer"
     was_training = model.training
     model.eval()
     try:
@@ -136,9 +97,12 @@ def run_sequential(
             if not layers[i]:
                 _forward(block, hiddens, calls[i], keep=True, collector=None, where=where)
             elif single_pass:
-                with InlinePruner(layers[i], hessian, visit, where) as pruner:
-                    _forward(block, hiddens, calls[i], keep=True, collector=None, where=where)
-                _check_all_seen(layers[i], pruner.seen, where)
+                lockstep = Lockstep(block, calls[i], layers[i], hessian=hessian, visit=visit, where=where)
+                hiddens[:] = lockstep.run(hiddens)
+                _check_all_seen(layers[i], lockstep.seen, where)
+                if i == len(blocks) - 1:  # earlier outputs are checked by the next block's statistics
+                    for h in hiddens:
+                        _check_finite(h, f"the output of {where}")
             else:
                 with StatsCollector(layers[i], hessian=hessian, stop_early=modifies) as collector:
                     _forward(block, hiddens, calls[i], keep=not modifies, collector=collector, where=where)

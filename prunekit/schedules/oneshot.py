@@ -140,5 +140,6 @@ def prune_oneshot(model: nn.Module, config: PruneConfig, data: Tensor | None = N
 
     run_sequential(model, plan.blocks, plan.blocks_name, ids.to(_device(model)), plan.layers, visit,
                    hessian=needs_hessian, modifies=True, batch_size=config.calibration.batch_size,
+                   sequential=config.calibration.sequential,
                    progress=progress, desc=f"pruning ({config.method or config.score})")
     return amounts
