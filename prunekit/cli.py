@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import PrunekitError
@@ -75,7 +76,7 @@ def _config(args: argparse.Namespace):
     from .config import Allocation, Calibration, PruneConfig, SparseGPTParams, Target
 
     if args.recipe:
-        return PruneConfig.from_yaml(args.recipe)
+        return PruneConfig.from_yaml(Path(args.recipe))
     return PruneConfig.from_method(
         args.method, sparsity=args.sparsity, pattern=args.pattern,
         allocation=Allocation(args.allocation, args.owl_m, args.owl_lambda),
@@ -105,7 +106,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
                                   max_tokens=args.eval_max_tokens, progress=not args.quiet)
         out.update(perplexity=ppl.perplexity, tokens=ppl.tokens)
         result.report.update(perplexity=ppl.perplexity, eval_tokens=ppl.tokens, eval_text=args.eval)
-    result.report["calib"] = args.calib
+    result.report.update(calib=args.calib, model=args.model)
     out["output"] = str(result.save(args.output, overwrite=args.overwrite))
     out.update(total_seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
     log.info("saved to %s (sparsity %.4f, %.1f s)", out["output"], out["sparsity"], out["seconds"])

@@ -253,7 +253,11 @@ class PruneConfig:
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> PruneConfig:
-        text = Path(source).read_text() if isinstance(source, Path) or "\n" not in str(source) and Path(str(source)).exists() else str(source)
+        """Read a recipe from a YAML file path or from YAML text."""
+        is_file = isinstance(source, Path) or ("\n" not in source and Path(source).is_file())
+        if isinstance(source, Path) and not source.is_file():
+            raise ConfigError(f"recipe file {source} does not exist")
+        text = Path(source).read_text(encoding="utf-8") if is_file else str(source)
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from prunekit.cli import main
 
@@ -81,3 +82,22 @@ def test_list(capsys):
 def test_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "prunekit.cli", "prune", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "--pattern" in res.stdout and "--allocation" in res.stdout
+
+
+def test_recipe_replays_the_same_masks(capsys, tiny_llama_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    code, _, _ = run(capsys, "prune", tiny_llama_dir, "--method", "sparsegpt", "--pattern", "4:8", "--nsamples", 4,
+                     "--seqlen", 64, "--seed", 3, "--output", first, "--quiet")
+    assert code == 0
+    code, out, _ = run(capsys, "prune", tiny_llama_dir, "--recipe", first / "prunekit_recipe.yaml",
+                       "--output", second, "--json", "--quiet")
+    assert code == 0 and last_json(out)["pattern"] == "4:8"
+    from safetensors.torch import load_file
+
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_recipe(capsys, tiny_llama_dir, tmp_path):
+    code, _, err = run(capsys, "prune", tiny_llama_dir, "--recipe", tmp_path / "r.yaml", "--output", tmp_path / "o")
+    assert code == 2 and "does not exist" in err

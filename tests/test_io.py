@@ -85,3 +85,16 @@ def test_text_errors(tmp_path, smol_tokenizer):
         calibration_data(smol_tokenizer, str(short), cfg)
     with pytest.raises(DataError, match="does not exist"):
         calibration_data(smol_tokenizer, str(tmp_path / "missing.txt"), cfg)
+
+
+def test_hub_paths_fail_clearly_offline():
+    # HF_HUB_OFFLINE=1 (conftest): a hub id is tried, and its failure says what was tried.
+    with pytest.raises(ModelLoadError, match="hub id"):
+        load_model("prunekit-test/no-such-model")
+
+
+def test_hub_dataset_without_datasets_package_or_network():
+    from prunekit.calibration.text import load_text
+
+    with pytest.raises(DataError, match="wikitext2"):
+        load_text("wikitext2", "eval")

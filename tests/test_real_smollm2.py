@@ -65,9 +65,10 @@ def test_ordering_at_benchmark_scale(smol, pattern, tmp_path):
         pruned = copy.deepcopy(model)
         result = prune(pruned, PruneConfig.from_method(method, pattern=pattern, calibration=Calibration(16, 512)),
                        calib, tokenizer=tok, progress=False)
-        assert result.report["sparsity"] == pytest.approx(0.5, abs=1e-6)
-        if pattern == "2:4":
-            assert result.report["nm_valid"]
+        if pattern == "2:4":  # every group of 4 keeps at most 2; weights already zero on the 4-bit grid may add to it
+            assert result.report["nm_valid"] and 0.5 <= result.report["sparsity"] < 0.5 + 1e-4
+        else:
+            assert result.report["sparsity"] == pytest.approx(0.5, abs=1e-6)
         ppl[method] = perplexity(pruned, eval_ids, seqlen=512, progress=False).perplexity
         if method == "sparsegpt":  # masked weights stay zero through a save/load round trip
             from transformers import AutoModelForCausalLM

@@ -101,3 +101,13 @@ def test_zero_sparsity_keeps_weights():
     new_w, pruned = RECONSTRUCTIONS.get("sparsegpt")(problem(w, x, MaskSpec("unstructured", 0.0, "row")))
     assert not pruned.any()
     torch.testing.assert_close(new_w, w)
+
+
+@pytest.mark.parametrize("dim", [7, 300, 576, 1536])
+def test_blocked_gram_equals_full_product(dim):
+    from prunekit.calibration.stats import add_gram
+
+    x = torch.randn(64, dim, generator=torch.Generator().manual_seed(dim))
+    gram = torch.ones(dim, dim)  # accumulates onto what is there
+    add_gram(gram, x, part=128)
+    torch.testing.assert_close(gram, 1 + x.T @ x, rtol=1e-5, atol=1e-4)

@@ -9,6 +9,27 @@ from torch import Tensor, nn
 from ..errors import CalibrationError
 
 
+def add_gram(gram: Tensor, x: Tensor, part: int = 384) -> None:
+    """gram += x^T x for x (tokens, in), computing only blocks on and above the diagonal and
+    mirroring them: with p parts, p(p+1)/2 of the p^2 block products (5/8 of the FLOPs for
+    in=1536). Columns are split into parts of about ``part`` so each product stays large."""
+    n = x.shape[1]
+    p = max(1, round(n / part))
+    if p == 1:
+        gram += x.t() @ x
+        return
+    bounds = [n * i // p for i in range(p + 1)]
+    cols = [x[:, bounds[i] : bounds[i + 1]] for i in range(p)]
+    for i in range(p):
+        r = slice(bounds[i], bounds[i + 1])
+        for j in range(i, p):
+            c = slice(bounds[j], bounds[j + 1])
+            block = cols[i].t() @ cols[j]  # (in_i, in_j)
+            gram[r, c] += block
+            if j != i:
+                gram[c, r] += block.t()
+
+
 class InputStats:
     """Sum of squares per input feature, or the full Gram matrix X^T X when a Hessian is needed
     (its diagonal gives the squares for free)."""
@@ -24,7 +45,7 @@ class InputStats:
         x = x.reshape(-1, self.dim).float()  # (tokens, in)
         self.tokens += x.shape[0]
         if self.gram is not None:
-            self.gram += x.t() @ x  # measured ~1.7x faster than addmm_ into the accumulator on CPU
+            add_gram(self.gram, x)
         else:
             self.sq.add_(torch.linalg.vector_norm(x, dim=0).square())  # no (tokens, in) temporary
 

@@ -41,12 +41,23 @@ def default_gguf() -> Path:
     return path
 
 
+def _file_key(path: Path, edge: int = 1 << 20) -> str:
+    """A cache key from the file's size and its first and last MiB: the same file installed
+    in two places (two virtual environments) shares one conversion."""
+    size = path.stat().st_size
+    digest = hashlib.sha1(f"{path.name}:{size}".encode())
+    with path.open("rb") as f:
+        digest.update(f.read(edge))
+        f.seek(max(size - edge, 0))
+        digest.update(f.read(edge))
+    return digest.hexdigest()[:12]
+
+
 def gguf_to_hf(path: Path) -> Path:
     """Convert a .gguf file to a float32 HF directory in the cache (once; ~1 minute for 135M)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    st = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = _file_key(path)
     dest = cache_root() / "models" / f"{path.stem}-{key}"
     if (dest / "config.json").is_file():
         return dest

@@ -76,31 +76,26 @@ def allocate(model: nn.Module, plan: Plan, data: Tensor | None, progress: bool) 
     A data-aware proxy (Wanda's |W|*||x||) gets input norms from one pass over the dense model."""
     cfg = plan.config
     rule = ALLOCATIONS.get(cfg.allocation.name)
-    names = list(plan.all_layers)
-    if not rule.uses_scores:
-        return dict(zip(names, rule(
-            [LayerRef(n, plan.block_of(n), 0, lambda: torch.empty(0)) for n in names], cfg.sparsity, cfg.allocation
-        )))
     proxy = SCORES.get(plan.score.allocation_proxy)
+    modules = plan.all_layers
     norms: dict[str, Tensor] = {}
-    if proxy.needs:
+    if rule.uses_scores and proxy.needs:
         ids = _calibration_ids(data, cfg, f"allocation {cfg.allocation.name!r} with score {proxy.name!r}")
 
-        def keep_norms(names: list[str], inputs: InputStats) -> None:
-            for n in names:
-                norms[n] = inputs.input_norm
+        def keep_norms(group: list[str], inputs: InputStats) -> None:
+            for name in group:
+                norms[name] = inputs.input_norm
 
         run_sequential(model, plan.blocks, plan.blocks_name, ids.to(_device(model)), plan.layers, keep_norms,
                        hessian=False, modifies=False, batch_size=cfg.calibration.batch_size,
                        progress=progress, desc="allocation statistics")
-    modules = plan.all_layers
 
     def scorer(name: str):
         return lambda: proxy(weight_2d(modules[name]).float(),
                              LayerStats(input_norm=norms.get(name), generator=plan.generator(name)))
 
-    refs = [LayerRef(n, plan.block_of(n), weight_2d(modules[n]).numel(), scorer(n)) for n in names]
-    return dict(zip(names, rule(refs, cfg.sparsity, cfg.allocation)))
+    refs = [LayerRef(n, plan.block_of(n), weight_2d(m).numel(), scorer(n)) for n, m in modules.items()]
+    return dict(zip(modules, rule(refs, cfg.sparsity, cfg.allocation)))
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -114,7 +109,8 @@ def prune_group(plan: Plan, modules: dict[str, nn.Module], names: list[str], amo
     weights = [weight_2d(modules[n]).float() for n in names]  # each (out_i, in)
     bounds = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()
     segments = tuple(Segment(bounds[k], bounds[k + 1], plan.spec(amounts[n])) for k, n in enumerate(names))
-    problem = GroupProblem(torch.cat(weights), segments, plan.score, stats, inputs, plan.config.sparsegpt)
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)  # reconstructions never write into it
+    problem = GroupProblem(stacked, segments, plan.score, stats, inputs, plan.config.sparsegpt)
     new_weight, _ = RECONSTRUCTIONS.get(plan.config.reconstruction)(problem)
     for n, seg in zip(names, segments):
         set_weight_2d(modules[n], new_weight[seg.start : seg.stop])

@@ -1,0 +1,73 @@
+"""Contracts every registry entry must meet, generated from the registries themselves, so a
+new score, pattern, allocation or reconstruction is tested the moment it is registered."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prunekit.allocation import ALLOCATIONS, LayerRef
+from prunekit.calibration.stats import InputStats
+from prunekit.config import Allocation, SparseGPTParams
+from prunekit.patterns import MaskSpec, is_nm
+from prunekit.reconstruct import RECONSTRUCTIONS, GroupProblem, Segment
+from prunekit.scoring import SCORES, LayerStats
+
+SPECS = [MaskSpec("unstructured", 0.5, "row"), MaskSpec("unstructured", 0.7, "layer"), MaskSpec("nm", n=2, m=4),
+         MaskSpec("nm", n=4, m=8)]
+
+
+def make_problem(score: str, spec: MaskSpec, dtype=torch.float32, seed=0) -> GroupProblem:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 32, generator=g)  # (tokens, in)
+    inputs = InputStats(32, hessian=True, device=x.device)
+    inputs.add(x)
+    weight = torch.randn(24, 32, generator=g).to(dtype)  # (out, in)
+    stats = LayerStats(input_norm=inputs.input_norm, generator=torch.Generator().manual_seed(seed))
+    return GroupProblem(weight, (Segment(0, 24, spec),), SCORES.get(score), stats, inputs,
+                        SparseGPTParams(blocksize=8))
+
+
+def check_pattern(w: torch.Tensor, pruned: torch.Tensor, spec: MaskSpec) -> None:
+    if spec.kind == "nm":
+        assert is_nm(w, spec.n, spec.m)
+        assert int(pruned.sum()) == w.numel() * (spec.m - spec.n) // spec.m
+    elif spec.group == "row":
+        assert (pruned.sum(1) == round(spec.amount * w.shape[1])).all()
+    else:
+        assert int(pruned.sum()) == round(spec.amount * w.numel())
+    assert (w[pruned] == 0).all()
+
+
+@pytest.mark.parametrize("score", SCORES.names())
+@pytest.mark.parametrize("reconstruction", RECONSTRUCTIONS.names())
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_every_score_pattern_reconstruction(score, reconstruction, spec):
+    problem = make_problem(score, spec)
+    new_w, pruned = RECONSTRUCTIONS.get(reconstruction)(problem)
+    assert new_w.shape == problem.weight.shape and pruned.dtype == torch.bool
+    assert new_w.dtype == torch.float32 and torch.isfinite(new_w).all()
+    check_pattern(new_w, pruned, spec)
+    again = RECONSTRUCTIONS.get(reconstruction)(make_problem(score, spec))  # same seed, same result
+    assert torch.equal(again[1], pruned) and torch.equal(again[0], new_w)
+
+
+@pytest.mark.parametrize("score", SCORES.names())
+def test_scores_are_elementwise_and_keep_shape(score):
+    problem = make_problem(score, SPECS[0])
+    upper, _ = problem.inverse_factor()
+    stats = LayerStats(problem.stats.input_norm, upper.square().sum(0).sqrt(), torch.Generator().manual_seed(0))
+    s = SCORES.get(score)(problem.weight, stats)
+    assert s.shape == problem.weight.shape and torch.isfinite(s).all() and (s >= 0).all()
+
+
+@pytest.mark.parametrize("name", ALLOCATIONS.names())
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_every_allocation(name, sparsity):
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(16, 16, generator=g) * (1 + i) ** 2 for i in range(6)]
+    refs = [LayerRef(f"l{i}", i // 2, s.numel(), lambda s=s: s) for i, s in enumerate(scores)]
+    amounts = ALLOCATIONS.get(name)(refs, sparsity, Allocation(name))
+    assert len(amounts) == len(refs) and all(0.0 <= a <= 1.0 for a in amounts)
+    mean = sum(a * r.numel for a, r in zip(amounts, refs)) / sum(r.numel for r in refs)
+    assert mean == pytest.approx(sparsity, abs=0.01)
+    assert ALLOCATIONS.get(name)(refs, sparsity, Allocation(name)) == amounts  # deterministic
