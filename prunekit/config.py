@@ -145,7 +145,7 @@ class Target:
             try:
                 re.compile(rx)
             except re.error as exc:
-                raise ConfigError(f"ignore pattern {rx!r} is not a valid regular expression: {exc}")
+                raise ConfigError(f"ignore pattern {rx!r} is not a valid regular expression: {exc}") from None
 
 
 @dataclass(frozen=True)

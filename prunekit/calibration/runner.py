@@ -15,7 +15,6 @@ Memory: the model, one block's statistics, one batch's temporaries, and the
 """
 from __future__ import annotations
 
-import logging
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -24,9 +23,6 @@ from ..errors import CalibrationError, UnsupportedModelError
 from .capture import BlockCall, capture_block_inputs
 from .lockstep import GroupVisitor, Lockstep
 from .stats import StatsCollector, _StopBlock
-
-log = logging.getLogger(__name__)
-
 
 
 def _check_finite(x: Tensor, where: str) -> None:

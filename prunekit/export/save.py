@@ -19,9 +19,8 @@ REPORT_FILE = "prunekit_report.json"
 def check_output(path: str | Path, overwrite: bool = False) -> Path:
     """Fail early, before any work, if ``path`` cannot receive a result."""
     out = Path(path).expanduser()
-    if out.exists() and not overwrite:
-        if not out.is_dir() or any(out.iterdir()):
-            raise OutputError(f"output {out} already exists; choose a new directory or pass --overwrite")
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"output {out} already exists; choose a new directory or pass --overwrite")
     parent = out.resolve().parent
     while not parent.exists():
         parent = parent.parent

@@ -2,7 +2,6 @@
 (with calibration statistics when the score, reconstruction or allocation needs them)."""
 from __future__ import annotations
 
-import logging
 import zlib
 from dataclasses import dataclass
 
@@ -18,9 +17,6 @@ from ..patterns import MaskSpec, check_nm_shape
 from ..reconstruct import RECONSTRUCTIONS, GroupProblem, Segment
 from ..scoring import SCORES, LayerStats, Score
 from ..targets import select_layers, set_weight_2d, weight_2d
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Plan:
