@@ -27,3 +27,15 @@ class CalibrationError(PrunekitError):
 
 class OutputError(PrunekitError):
     """The output location cannot be written."""
+
+
+class ScheduleError(ConfigError):
+    """A training-time pruning schedule is inconsistent (end before start, target outside [0, 1))."""
+
+
+class OptimizerMismatchError(PrunekitError, ValueError):
+    """A sparsity controller was given an optimizer that does not own the parameters it masks."""
+
+
+class StructureError(PrunekitError):
+    """A model's structure cannot be traced or a structural removal would break it."""

@@ -1,0 +1,176 @@
+"""The dependency graph: groups of coupled units, built from one traced forward pass.
+
+A *unit* is one connected component of coupled ids: removing it removes, in every member
+parameter, the slices along the dims its ids label (a conv's output channel together with
+its BatchNorm entries, the next conv's input channel and whatever a residual add ties to
+it). Units with the same members (same parameters, dims and slice counts) form a *group*:
+one layer's MLP neurons, one attention layer's heads, one residual stream's channels.
+A group's units are interchangeable candidates for the same allocation.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .rules import RULES
+from .trace import Trace, trace_model
+
+Kind = Literal["channels", "neurons", "heads", "width"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """Slices ``index`` along ``dim`` of parameter ``param`` belong to the unit."""
+
+    param: str
+    dim: int
+    index: tuple[int, ...]
+
+
+@dataclass
+class Group:
+    """Interchangeable units of one coupled structure.
+
+    ``units``: one tuple of :class:`Member` per unit. ``kind``: channels (conv), neurons
+    (Linear hidden units), heads (attention; a unit is one key/value head with its query
+    heads), or width (a residual stream: embedding/hidden width). ``inexact``: removing a
+    unit changes a normalisation statistic, so the pruned model is close to, not equal to,
+    the masked one. ``sub_units`` (heads with grouped-query attention): per unit, its query
+    heads as member tuples, for query-head pruning.
+    """
+
+    name: str
+    kind: Kind
+    units: list[tuple[Member, ...]]
+    inexact: bool = False
+    sub_units: list[list[tuple[Member, ...]]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    @property
+    def params(self) -> list[str]:
+        return sorted({m.param for m in self.units[0]})
+
+
+@dataclass
+class Graph:
+    """All prunable groups of a model plus what the trace measured."""
+
+    groups: list[Group]
+    macs: int
+    seconds: float
+    trace: Trace
+
+    def of_kind(self, *kinds: str) -> list[Group]:
+        return [g for g in self.groups if g.kind in kinds]
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for g in self.groups:
+            counts[g.kind] += 1
+        return dict(counts)
+
+
+def build_graph(model: nn.Module, inputs: Any, *, ignore: tuple[str, ...] = ()) -> Graph:
+    """Trace ``model`` on ``inputs`` once and return its groups of coupled units.
+
+    ``ignore``: parameter-name prefixes whose units must stay (e.g. a classifier head).
+    """
+    start = time.perf_counter()
+    trace = trace_model(model, inputs, RULES)
+    groups = groups_from_trace(trace, model, ignore)
+    return Graph(groups, trace.macs, time.perf_counter() - start, trace)
+
+
+def _ids_of(trace: Trace, role: str) -> np.ndarray:
+    parts = trace.roles[role]
+    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.int64)
+
+
+def groups_from_trace(trace: Trace, model: nn.Module, ignore: tuple[str, ...] = ()) -> list[Group]:
+    roots = trace.uf.roots()
+    sub_roots = trace.uf.roots(skip=frozenset({"kv"}))
+    role = {r: set(roots[_ids_of(trace, r)].tolist()) for r in ("producers", "frozen", "heads")}
+    role["inexact"] = _inexact(trace, roots)
+    kv_sub = set(sub_roots[_ids_of(trace, "kv")].tolist())
+    members: dict[int, list[Member]] = defaultdict(list)
+    subs: dict[int, dict[int, list[Member]]] = defaultdict(lambda: defaultdict(list))
+    for name, dims in trace.param_ids.items():
+        for d, ids in enumerate(dims):
+            if ids is None:
+                continue
+            comp, sub = roots[ids.numpy()], sub_roots[ids.numpy()]
+            for c in np.unique(comp):
+                where = np.nonzero(comp == c)[0]
+                members[int(c)].append(Member(name, d, tuple(where.tolist())))
+                for s in np.unique(sub[where]):
+                    if int(s) not in kv_sub:
+                        idx = where[sub[where] == s]
+                        subs[int(c)][int(s)].append(Member(name, d, tuple(idx.tolist())))
+    frozen_params = {n for n in trace.param_ids if any(n.startswith(p) for p in ignore)}
+    families: dict[tuple, list[int]] = defaultdict(list)
+    for c, ms in members.items():
+        if c not in role["producers"] or c in role["frozen"]:
+            continue
+        if any(m.param in frozen_params for m in ms):
+            continue
+        families[tuple(sorted((m.param, m.dim, len(m.index)) for m in ms))].append(c)
+    modules = dict(model.named_modules())
+    groups = []
+    for signature, comps in families.items():
+        if len(comps) < 2:
+            continue
+        comps.sort(key=lambda c: min(m.index[0] for m in members[c]))
+        units = [tuple(sorted(members[c], key=lambda m: (m.param, m.dim))) for c in comps]
+        kind = _kind(units[0], modules, heads=comps[0] in role["heads"])
+        sub_units = []
+        if kind == "heads":
+            sub_units = [[tuple(v) for _, v in sorted(subs[c].items())] for c in comps]
+            if all(len(s) <= 1 for s in sub_units):
+                sub_units = []
+        groups.append(Group(_name(units[0]), kind, units, any(c in role["inexact"] for c in comps), sub_units))
+    groups.sort(key=lambda g: _order(g.name))
+    return groups
+
+
+def _inexact(trace: Trace, roots: np.ndarray) -> set[int]:
+    """Units that share a normalisation statistic with other units."""
+    out: set[int] = set()
+    for rows in trace.roles["inexact"]:
+        r = roots[rows.numpy()]
+        mixed = (r != r[:, :1]).any(axis=1)
+        out.update(np.unique(r[mixed]).tolist())
+    return out
+
+
+def _kind(unit: tuple[Member, ...], modules: dict[str, nn.Module], heads: bool) -> Kind:
+    if heads:
+        return "heads"
+    owners = [modules.get(m.param.rpartition(".")[0]) for m in unit]
+    if any(isinstance(o, nn.Embedding) for o in owners) or any(
+        isinstance(o, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(o).__name__.lower() and not isinstance(
+            o, nn.modules.batchnorm._BatchNorm) for o in owners if o is not None
+    ):
+        return "width"
+    if any(isinstance(o, nn.modules.conv._ConvNd) for o in owners):
+        return "channels"
+    return "neurons"
+
+
+def _name(unit: tuple[Member, ...]) -> str:
+    """The longest module prefix the unit's producing parameters share."""
+    parts = [m.param.split(".")[:-1] for m in unit]
+    prefix = os.path.commonprefix(parts)
+    return ".".join(prefix) if prefix else "<root>"
+
+
+def _order(name: str) -> tuple:
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in name.split("."))
