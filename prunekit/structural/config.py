@@ -1,0 +1,135 @@
+"""The typed, frozen configuration of a structural prune, with YAML in/out for recipes."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+STRUCTURES = ("channels", "neurons", "heads", "width", "layers", "experts")
+#: The group kinds each structure prunes ("channels" on a language model is its hidden width).
+KINDS = {"channels": ("channels", "width"), "neurons": ("neurons",), "heads": ("heads",), "width": ("width",)}
+#: The score each structure uses when none is given.
+DEFAULT_METHOD = {"layers": "block_influence", "experts": "frequency"}
+
+
+@dataclass(frozen=True)
+class StructureConfig:
+    """What to remove and how to choose it.
+
+    ``structure``: channels (conv channels; hidden width on transformers), neurons (MLP
+    hidden units), heads (attention heads: key/value groups, or with ``heads="query"`` the
+    same number of query heads from every group), width, layers (whole blocks), experts
+    (MoE experts, router resized). ``ratio``: fraction of units removed, in [0, 1).
+    ``method``: the group score (see :data:`prunekit.structural.scores.GROUP_SCORES`).
+    ``allocation``: ``uniform`` (every group loses ``ratio`` of its units) or ``global``
+    (one threshold over scores normalised per group). ``overrides``: ``(regex, ratio)``
+    pairs; the first whose regex matches a group's name sets that group's ratio.
+    ``ignore``: regexes of group/parameter names left whole. ``round_to``: keep a
+    multiple of this many units per group (e.g. 8 for tensor-core friendly widths).
+    """
+
+    structure: str = "channels"
+    ratio: float = 0.5
+    method: str = "l2"
+    allocation: str = "uniform"
+    overrides: tuple[tuple[str, float], ...] = ()
+    ignore: tuple[str, ...] = ()
+    heads: str = "kv"
+    round_to: int = 1
+    bias_compensation: bool | None = None
+    nsamples: int = 32
+    seqlen: int = 256
+    batch_size: int = 4
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.structure not in STRUCTURES:
+            raise ConfigError(f"unknown structure {self.structure!r}; choose one of: {', '.join(STRUCTURES)}")
+        if not (0.0 <= float(self.ratio) < 1.0):
+            raise ConfigError(f"ratio {self.ratio} is outside [0, 1); it is the fraction of units removed, e.g. 0.25")
+        if self.allocation not in ("uniform", "global"):
+            raise ConfigError(f"unknown structural allocation {self.allocation!r}; use 'uniform' or 'global'")
+        if self.heads not in ("kv", "query"):
+            raise ConfigError(f"heads={self.heads!r}: use 'kv' (whole key/value groups) or 'query' (query heads)")
+        if self.round_to < 1:
+            raise ConfigError(f"round_to={self.round_to} must be >= 1")
+        for pattern, ratio in self.overrides:
+            _regex(pattern)
+            if not (0.0 <= float(ratio) < 1.0):
+                raise ConfigError(f"override ratio {ratio} for {pattern!r} is outside [0, 1)")
+        for pattern in self.ignore:
+            _regex(pattern)
+        for name in ("nsamples", "seqlen", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        # validated here so a bad name fails before anything is loaded
+        if self.structure == "layers":
+            from .layers import LAYER_SCORES
+
+            LAYER_SCORES.get(self.method)
+        elif self.structure == "experts":
+            from .experts import EXPERT_SCORES
+
+            EXPERT_SCORES.get(self.method)
+        else:
+            from .scores import check_applies
+
+            check_applies(self.method, self.structure)
+
+    @classmethod
+    def create(cls, structure: str, ratio: float, method: str | None = None, **kw: Any) -> StructureConfig:
+        """A config with the structure's default method when ``method`` is None."""
+        return cls(structure=structure, ratio=ratio, method=method or DEFAULT_METHOD.get(structure, "l2"), **kw)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return KINDS.get(self.structure, ())
+
+    def ratio_for(self, group: str) -> float:
+        for pattern, ratio in self.overrides:
+            if re.search(pattern, group):
+                return float(ratio)
+        return float(self.ratio)
+
+    def ignored(self, name: str) -> bool:
+        return any(re.search(p, name) for p in self.ignore)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("extra")
+        d["overrides"] = [list(o) for o in self.overrides]
+        d["ignore"] = list(self.ignore)
+        return {"structural": d}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StructureConfig:
+        body = dict(d.get("structural", d))
+        unknown = set(body) - {f for f in cls.__dataclass_fields__ if f != "extra"}
+        if unknown:
+            raise ConfigError(f"unknown structural recipe keys {sorted(unknown)}")
+        body["overrides"] = tuple((str(p), float(r)) for p, r in body.get("overrides", ()))
+        body["ignore"] = tuple(body.get("ignore", ()))
+        return cls(**body)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> StructureConfig:
+        try:
+            return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read recipe {path}: {exc}") from exc
+
+
+def _regex(pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"bad regex {pattern!r}: {exc}") from exc

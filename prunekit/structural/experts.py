@@ -1,0 +1,113 @@
+"""Expert pruning for mixture-of-experts layers: remove whole experts and resize the router.
+
+A MoE layer is any module with a ``gate`` (router; weight ``(experts, hidden)``) and
+``experts`` (either 3-D parameters ``(experts, ...)`` as in transformers 5, or an
+``nn.ModuleList``). Removing expert ``e`` equals masking its router logit to ``-inf``.
+Routing-frequency scoring follows Lu et al., "Not All Experts are Equal: Efficient Expert
+Pruning and Skipping for Mixture-of-Experts LLMs" (ACL 2024), in its simplest form: the
+routing weight mass each expert receives on calibration data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, StructureError
+from ..registry import Registry
+from .data import forward
+
+EXPERT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    name: str
+    module: nn.Module
+
+    @property
+    def router(self) -> nn.Module:
+        return self.module.gate
+
+    @property
+    def count(self) -> int:
+        return self.router.weight.shape[0]
+
+
+def find_moe_layers(model: nn.Module) -> list[MoELayer]:
+    layers = []
+    for name, m in model.named_modules():
+        gate, experts = getattr(m, "gate", None), getattr(m, "experts", None)
+        w = getattr(gate, "weight", None)
+        if isinstance(experts, nn.Module) and isinstance(w, Tensor) and w.ndim == 2:
+            layers.append(MoELayer(name, m))
+    return layers
+
+
+ExpertScore = Callable[[nn.Module, list[MoELayer], list[Any], torch.Generator], list[Tensor]]
+EXPERT_SCORES: Registry[ExpertScore] = Registry("expert score")
+
+
+@EXPERT_SCORES.register("frequency")
+def frequency(model: nn.Module, layers: list[MoELayer], data: list[Any], gen: torch.Generator) -> list[Tensor]:
+    """Per layer, ``(experts,)`` routing weight summed over calibration tokens."""
+    if not data:
+        raise ConfigError("expert frequency needs calibration data (--calib TEXT or data=...)")
+    mass = [torch.zeros(layer.count, dtype=torch.float64) for layer in layers]
+
+    def hook(i: int):
+        def record(module: nn.Module, args: tuple, out: Any) -> None:
+            if not (isinstance(out, tuple) and len(out) == 3):
+                raise StructureError(f"router of {layers[i].name} does not return (logits, weights, indices)")
+            _, weights, indices = out
+            mass[i].index_add_(0, indices.reshape(-1), weights.reshape(-1).double().detach())
+
+        return record
+
+    handles = [layer.router.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for batch in data:
+                forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [m.float() for m in mass]
+
+
+@EXPERT_SCORES.register("router_norm")
+def router_norm(model: nn.Module, layers: list[MoELayer], data: list[Any], gen: torch.Generator) -> list[Tensor]:
+    """Per layer, the L2 norm of each expert's router row (data-free)."""
+    return [layer.router.weight.detach().float().norm(dim=1) for layer in layers]
+
+
+@EXPERT_SCORES.register("random")
+def random_experts(model: nn.Module, layers: list[MoELayer], data: list[Any], gen: torch.Generator) -> list[Tensor]:
+    """Random expert scores: the control."""
+    return [torch.rand(layer.count, generator=gen) for layer in layers]
+
+
+def remove_experts(model: nn.Module, layer: MoELayer, drop: list[int]) -> None:
+    """Remove experts ``drop`` from one MoE layer in place: expert weights, router rows, counts."""
+    n = layer.count
+    keep = torch.tensor([e for e in range(n) if e not in set(drop)], dtype=torch.long)
+    top_k = getattr(layer.router, "top_k", getattr(layer.module, "top_k", 1))
+    if keep.numel() < max(int(top_k), 1):
+        raise ConfigError(f"{layer.name}: keeping {keep.numel()} experts is fewer than top_k={top_k}")
+    experts = layer.module.experts
+    with torch.no_grad():
+        if isinstance(experts, nn.ModuleList):
+            layer.module.experts = nn.ModuleList([experts[i] for i in keep.tolist()])
+        else:
+            for p in experts.parameters(recurse=False):
+                if p.shape[0] != n:
+                    raise StructureError(f"{layer.name}.experts has a parameter whose first dim is not {n} experts")
+                p.data = p.data.index_select(0, keep).contiguous()
+        for p in layer.router.parameters(recurse=False):
+            p.data = p.data.index_select(0, keep).contiguous()
+    for m in (layer.module, layer.router, experts):
+        for attr in EXPERT_ATTRS:
+            if isinstance(getattr(m, attr, None), int):
+                setattr(m, attr, keep.numel())

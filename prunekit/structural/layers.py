@@ -1,0 +1,123 @@
+"""Depth pruning: score whole blocks and remove the least important ones.
+
+Block influence is ``1 - cos(h_in, h_out)`` averaged over calibration tokens: a block that
+barely changes its input can go (Men et al., "ShortGPT: Layers in Large Language Models are
+More Redundant Than You Expect", 2024).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, StructureError
+from ..models.decoder import find_blocks
+from ..registry import Registry
+from .data import forward
+
+log = logging.getLogger(__name__)
+
+BlockScore = Callable[[nn.Module, nn.ModuleList, list[Any], torch.Generator], Tensor]
+LAYER_SCORES: Registry[BlockScore] = Registry("layer score")
+
+
+def _hidden(x: Any) -> Tensor | None:
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor):
+        return x[0]
+    return None
+
+
+@LAYER_SCORES.register("block_influence")
+def block_influence(model: nn.Module, blocks: nn.ModuleList, data: list[Any], gen: torch.Generator) -> Tensor:
+    """``(blocks,)`` mean over tokens of ``1 - cos(h_in, h_out)`` (ShortGPT)."""
+    if not data:
+        raise ConfigError("block influence needs calibration data (--calib TEXT or data=...)")
+    total = torch.zeros(len(blocks), dtype=torch.float64)
+    count = torch.zeros(len(blocks), dtype=torch.float64)
+
+    def hook(i: int):
+        def record(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            h_in = _hidden(args) if args else kwargs.get("hidden_states")
+            h_out = _hidden(out)
+            if h_in is None or h_out is None or h_in.shape != h_out.shape:
+                raise StructureError(f"block {i} does not map hidden states to hidden states of the same shape")
+            a, b = h_in.detach().float().flatten(0, -2), h_out.detach().float().flatten(0, -2)
+            cos = nn.functional.cosine_similarity(a, b, dim=-1)  # (tokens,)
+            total[i] += (1 - cos).double().sum()
+            count[i] += cos.numel()
+
+        return record
+
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for batch in data:
+                forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return (total / count.clamp_min(1)).float()
+
+
+@LAYER_SCORES.register("random")
+def random_blocks(model: nn.Module, blocks: nn.ModuleList, data: list[Any], gen: torch.Generator) -> Tensor:
+    """Random block scores: the control for depth pruning."""
+    return torch.rand(len(blocks), generator=gen)
+
+
+def choose_blocks(scores: Tensor, ratio: float) -> list[int]:
+    """Indices of the ``round(ratio * n)`` lowest-scoring blocks (at least one block stays)."""
+    n = scores.numel()
+    k = int(round(ratio * n))
+    if k >= n:
+        raise ConfigError(f"ratio {ratio} would remove all {n} blocks; use a ratio below {(n - 0.5) / n:.3f}")
+    return sorted(torch.argsort(scores, stable=True)[:k].tolist())
+
+
+def remove_blocks(model: nn.Module, drop: list[int]) -> dict[str, Any]:
+    """Delete blocks ``drop`` from the model's block list; renumber per-layer indices and
+    the config (``num_hidden_layers``, ``layer_types``). Returns the config changes."""
+    name, blocks = find_blocks(model)
+    keep = [b for i, b in enumerate(blocks) if i not in set(drop)]
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, nn.ModuleList(keep))
+    for new_index, block in enumerate(keep):
+        for m in block.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = new_index
+    changes: dict[str, Any] = {}
+    config = getattr(model, "config", None)
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        changes["num_hidden_layers"] = len(keep)
+        text.num_hidden_layers = len(keep)
+        types = getattr(text, "layer_types", None)
+        if isinstance(types, list) and len(types) == len(blocks):
+            text.layer_types = [t for i, t in enumerate(types) if i not in set(drop)]
+            changes["layer_types"] = text.layer_types
+    return changes
+
+
+class SkipBlock(nn.Module):
+    """A block that returns its input unchanged: the masked reference for depth pruning."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.inner = block
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        probe = getattr(self, "_returns_tuple", False)
+        return (hidden,) if probe else hidden
+
+
+def skip_blocks(model: nn.Module, drop: list[int], returns_tuple: bool = False) -> None:
+    """Replace blocks ``drop`` by :class:`SkipBlock` in place (for equality tests)."""
+    _, blocks = find_blocks(model)
+    for i in drop:
+        blocks[i] = SkipBlock(blocks[i])
+        blocks[i]._returns_tuple = returns_tuple

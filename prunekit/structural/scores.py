@@ -1,0 +1,179 @@
+"""Scores for groups of coupled units: one ``(units,)`` importance per unit, higher = keep.
+
+Each unit spans slices of several parameters (a conv filter, its BatchNorm entries and the
+next layer's input channel); a score aggregates over all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..registry import Registry
+from .data import FeatureMoments
+from .graph import Group, Member
+
+UNIT_STRUCTURES = frozenset({"channels", "neurons", "heads", "width"})
+
+
+@dataclass
+class ScoreContext:
+    """What a score may read: tensors by name, summed gradients, input moments, a generator."""
+
+    model: nn.Module
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    moments: dict[str, FeatureMoments] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+
+    def tensor(self, name: str) -> Tensor:
+        owner, _, attr = name.rpartition(".")
+        return getattr(self.model.get_submodule(owner) if owner else self.model, attr).detach()
+
+    def module(self, name: str) -> nn.Module:
+        owner = name.rpartition(".")[0]
+        return self.model.get_submodule(owner) if owner else self.model
+
+
+UnitScore = Callable[[list[tuple[Member, ...]], ScoreContext], Tensor]
+
+
+@dataclass(frozen=True)
+class GroupScore:
+    """A registered score: the function, what it needs (``grads``, ``inputs``), and the
+    structures it applies to."""
+
+    fn: UnitScore
+    needs: frozenset[str]
+    structures: frozenset[str]
+
+    def __call__(self, units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
+        return self.fn(units, ctx)
+
+
+GROUP_SCORES: Registry[GroupScore] = Registry("structural score")
+
+
+def register(name: str, needs: tuple[str, ...] = (), structures: frozenset[str] = UNIT_STRUCTURES):
+    def add(fn: UnitScore) -> UnitScore:
+        GROUP_SCORES.register(name)(GroupScore(fn, frozenset(needs), frozenset(structures)))
+        return fn
+
+    return add
+
+
+def check_applies(method: str, structure: str) -> GroupScore:
+    """The unit score ``method``, if it applies to ``structure`` (a clear error otherwise)."""
+    score = GROUP_SCORES.get(method)
+    if structure not in score.structures:
+        fits = [n for n in GROUP_SCORES.names() if structure in GROUP_SCORES.get(n).structures]
+        raise ConfigError(f"score {method!r} does not apply to {structure}; use one of: {', '.join(fits)}")
+    return score
+
+
+def member_slices(t: Tensor, units: list[tuple[Member, ...]], k: int) -> Tensor:
+    """``(units, L, *rest)``: the k-th member's slices of tensor ``t`` for every unit."""
+    index = torch.tensor([u[k].index for u in units], dtype=torch.long)  # (units, L)
+    return t.movedim(units[0][k].dim, 0)[index]
+
+
+def _per_member(units: list[tuple[Member, ...]], ctx: ScoreContext, fn: Callable[[Tensor, int], Tensor],
+                select: Callable[[Member, ScoreContext], bool] = lambda m, c: True) -> Tensor:
+    total = torch.zeros(len(units))
+    for k, m in enumerate(units[0]):
+        if select(m, ctx):
+            total += fn(member_slices(ctx.tensor(m.param).float(), units, k), k)
+    return total
+
+
+@register("l2")
+def l2(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
+    """L2 norm of all the unit's weights (Li et al., "Pruning Filters for Efficient ConvNets", 2017)."""
+    return _per_member(units, ctx, lambda s, k: s.pow(2).flatten(1).sum(1)).sqrt()
+
+
+@register("l1")
+def l1(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
+    """L1 norm of all the unit's weights (Li et al. 2017)."""
+    return _per_member(units, ctx, lambda s, k: s.abs().flatten(1).sum(1))
+
+
+@register("random")
+def random(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
+    """A seeded random score: the control every structured criterion must beat."""
+    return torch.rand(len(units), generator=ctx.generator)
+
+
+@register("taylor", needs=("grads",))
+def taylor(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
+    """First-order Taylor estimate of the loss change when the whole unit is removed:
+    ``(sum over the unit of w * dL/dw)^2`` (Molchanov et al., "Importance Estimation for
+    Neural Network Pruning", CVPR 2019; group form as in LLM-Pruner, Ma et al. 2023)."""
+    total = torch.zeros(len(units))
+    for k, m in enumerate(units[0]):
+        g = ctx.grads.get(m.param)
+        if g is None:
+            continue
+        w = member_slices(ctx.tensor(m.param).float(), units, k)
+        total += (w * member_slices(g.float(), units, k)).flatten(1).sum(1)
+    return total.pow(2)
+
+
+def _is_bn_weight(m: Member, ctx: ScoreContext) -> bool:
+    return m.param.endswith(".weight") and isinstance(ctx.module(m.param), nn.modules.batchnorm._BatchNorm)
+
+
+@register("bn_scale", structures=frozenset({"channels"}))
+def bn_scale(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
+    """|gamma| of the unit's BatchNorm scales (Liu et al., "Learning Efficient Convolutional
+    Networks through Network Slimming", ICCV 2017)."""
+    if not any(_is_bn_weight(m, ctx) for m in units[0]):
+        raise ConfigError("bn_scale needs BatchNorm layers in every pruned group; use l2 or taylor for this model")
+    return _per_member(units, ctx, lambda s, k: s.abs().flatten(1).sum(1), _is_bn_weight)
+
+
+def input_dim(m: Member, ctx: ScoreContext) -> bool:
+    """Whether the member is the input-feature dim of a Linear/Conv weight (a consumer)."""
+    if not m.param.endswith(".weight"):
+        return False
+    mod = ctx.module(m.param)
+    if type(mod).__name__ == "Conv1D":
+        return m.dim == 0
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return m.dim == 1 and mod.groups == 1 and not isinstance(mod, nn.modules.conv._ConvTransposeNd)
+    return isinstance(mod, nn.Linear) and m.dim == 1
+
+
+def _consumer_score(units: list[tuple[Member, ...]], ctx: ScoreContext,
+                    per_input: Callable[[Tensor, FeatureMoments], Tensor]) -> Tensor:
+    """Sum over the unit's consumer members of ``per_input(|W| columns, moments)[j]``."""
+    total = torch.zeros(len(units))
+    found = False
+    for k, m in enumerate(units[0]):
+        if not input_dim(m, ctx) or m.param not in ctx.moments:
+            continue
+        found = True
+        w = ctx.tensor(m.param).float().movedim(m.dim, 0).flatten(1)  # (in, out * kernel)
+        values = per_input(w, ctx.moments[m.param])  # (in,)
+        total += values[torch.tensor([u[k].index for u in units])].sum(1)
+    if not found:
+        raise ConfigError("this activation score needs a Linear/Conv that consumes the pruned units")
+    return total
+
+
+@register("wanda", needs=("inputs",))
+def wanda(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
+    """Structured Wanda: ``sum_j ||x_j||_2 * sum_i |W_ij|`` over the unit's input features
+    of the layers consuming it (Sun et al., "A Simple and Effective Pruning Approach for
+    LLMs", 2023, structured variant)."""
+    return _consumer_score(units, ctx, lambda w, mom: w.abs().sum(1) * mom.norm)
+
+
+@register("flap", needs=("inputs",))
+def flap(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
+    """Fluctuation: ``sum_j Var(x_j) * ||W_:,j||^2`` (An et al., "Fluctuation-based Adaptive
+    Structured Pruning for Large Language Models", AAAI 2024). With bias compensation the
+    removed inputs' mean contribution is folded into the consumer's bias."""
+    return _consumer_score(units, ctx, lambda w, mom: w.pow(2).sum(1) * mom.variance)
