@@ -30,15 +30,26 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,eval,list}")
 
-    p = sub.add_parser("prune", help="one-shot prune a causal LM and save it", epilog=EPILOG,
+    p = sub.add_parser("prune", help="prune a causal LM (weights, or whole structures) and save it", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--method", default="wanda", help="magnitude, random, wanda or sparsegpt (default wanda)")
+    p.add_argument("--method", default=None,
+                   help="weights: magnitude, random, wanda or sparsegpt (default wanda); with --structure: "
+                        "flap (default), wanda, taylor, l2, l1, random, bn_scale; layers: block-influence "
+                        "(default), random; experts: frequency (default), router-norm, random")
+    p.add_argument("--structure", choices=["channels", "neurons", "heads", "width", "layers", "experts"],
+                   help="remove whole structures instead of single weights: channels (hidden width on "
+                        "transformers), neurons (MLP), heads (attention), layers (blocks), experts (MoE)")
+    p.add_argument("--ratio", type=float, default=None, help="with --structure: fraction of units removed, in [0, 1)")
+    p.add_argument("--heads", default="kv", choices=["kv", "query"],
+                   help="with --structure heads: remove whole key/value groups (kv) or the same number of "
+                        "query heads from every group (query)")
+    p.add_argument("--round-to", type=int, default=1, help="with --structure: keep a multiple of this many units")
     p.add_argument("--recipe", help="YAML recipe (from a saved result); replaces --method and the axis flags")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed, in [0, 1) (default 0.5)")
     p.add_argument("--pattern", default="unstructured",
                    help="unstructured (each score's own comparison group), unstructured:row, unstructured:layer, or N:M like 2:4")
-    p.add_argument("--allocation", default="uniform", help="uniform, global or owl")
+    p.add_argument("--allocation", default="uniform", help="uniform, global or owl (structures: uniform or global)")
     p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (default 5)")
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL sparsity spread lambda (default 0.08)")
     p.add_argument("--calib", default="default", metavar="TEXT", help="calibration text (default: bundled corpus)")
@@ -74,11 +85,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace):
     from .config import Allocation, Calibration, PruneConfig, SparseGPTParams, Target
+    from .errors import ConfigError
+    from .structural import StructureConfig
 
     if args.recipe:
+        import yaml
+
+        try:
+            body = yaml.safe_load(Path(args.recipe).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read recipe {args.recipe}: {exc}") from exc
+        if isinstance(body, dict) and "structural" in body:
+            return StructureConfig.from_dict(body)
         return PruneConfig.from_yaml(Path(args.recipe))
+    if args.structure:
+        if args.sparsity is not None:
+            raise ConfigError("--sparsity is for weight pruning; with --structure give --ratio (fraction of units removed)")
+        if args.ratio is None:
+            raise ConfigError("--structure needs --ratio R, the fraction of units to remove, e.g. --ratio 0.25")
+        method = args.method or {"layers": "block_influence", "experts": "frequency"}.get(args.structure, "flap")
+        return StructureConfig.create(
+            args.structure, args.ratio, method, allocation=args.allocation, ignore=tuple(args.ignore),
+            heads=args.heads, round_to=args.round_to, nsamples=args.nsamples, seqlen=args.seqlen,
+            batch_size=args.batch_size, seed=args.seed)
+    if args.ratio is not None:
+        raise ConfigError("--ratio goes with --structure; for weight pruning give --sparsity")
     return PruneConfig.from_method(
-        args.method, sparsity=args.sparsity, pattern=args.pattern,
+        args.method or "wanda", sparsity=args.sparsity, pattern=args.pattern,
         allocation=Allocation(args.allocation, args.owl_m, args.owl_lambda),
         calibration=Calibration(args.nsamples, args.seqlen, args.batch_size, args.seed, args.sequential),
         sparsegpt=SparseGPTParams(args.blocksize, args.damp), target=Target(tuple(args.ignore)), seed=args.seed,
@@ -91,9 +124,13 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     from .export import check_output
     from .models.loading import load_model
 
+    from .structural import StructureConfig
+
     t0 = time.perf_counter()
     config = _config(args)  # bad flags fail here, before anything is loaded or written
     check_output(args.output, args.overwrite)
+    if isinstance(config, StructureConfig):
+        return cmd_structure(args, config, t0)
     model, tokenizer, _ = load_model(args.model)
     data = calibration_data(tokenizer, args.calib, config) if config.needs_data else None
     result = prune(model, config, data, tokenizer=tokenizer, progress=not args.quiet)
@@ -110,6 +147,37 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     out["output"] = str(result.save(args.output, overwrite=args.overwrite))
     out.update(total_seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
     log.info("saved to %s (sparsity %.4f, %.1f s)", out["output"], out["sparsity"], out["seconds"])
+    return out
+
+
+def cmd_structure(args: argparse.Namespace, config: Any, t0: float) -> dict[str, Any]:
+    """``prune --structure``: remove whole units and save a smaller dense model."""
+    from .api import evaluate_perplexity
+    from .calibration.text import calibration_windows, load_text, tokenize
+    from .evaluate import peak_rss_mb
+    from .models.loading import load_model
+    from .structural import prune_structure
+
+    model, tokenizer, _ = load_model(args.model)
+    if tokenizer is None:
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(f"{args.model} has no tokenizer; structural pruning from the CLI needs one for --calib")
+    ids = tokenize(tokenizer, load_text(args.calib, "calib"))
+    data = calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
+    result = prune_structure(model, config, data=data, tokenizer=tokenizer)
+    r = result.report
+    out: dict[str, Any] = {k: r[k] for k in (
+        "structure", "ratio", "method", "params_before", "params_after", "macs_before", "macs_after", "seconds", "exact")}
+    if args.eval:
+        ppl = evaluate_perplexity(model, tokenizer, args.eval, seqlen=config.seqlen,
+                                  max_tokens=args.eval_max_tokens, progress=not args.quiet)
+        out.update(perplexity=ppl.perplexity, tokens=ppl.tokens)
+        r.update(perplexity=ppl.perplexity, eval_tokens=ppl.tokens, eval_text=args.eval)
+    r.update(calib=args.calib, model=args.model)
+    out["output"] = str(result.save(args.output, overwrite=args.overwrite))
+    out.update(total_seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
+    log.info("saved to %s (%d -> %d params, %.1f s)", out["output"], r["params_before"], r["params_after"], r["seconds"])
     return out
 
 

@@ -104,9 +104,15 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
     """Load (model, tokenizer, resolved path). The tokenizer is None if the model has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..export.structure import load_structured, read_record
+
     source = resolve(spec)
+    record = read_record(source) if Path(source).is_dir() else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if record is not None and not record.get("uniform"):
+            model = load_structured(source, dtype=dtype)  # per-layer sizes differ from the config
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - report every loader failure the same way
         where = "local directory" if Path(source).is_dir() else "hub id (is there internet? is the name right?)"
         raise ModelLoadError(f"could not load model {spec!r} as a {where}: {type(exc).__name__}: {exc}") from exc

@@ -49,6 +49,9 @@ class StructureConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "method", str(self.method).replace("-", "_"))
+        object.__setattr__(self, "overrides", tuple((str(p), float(r)) for p, r in self.overrides))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
         if self.structure not in STRUCTURES:
             raise ConfigError(f"unknown structure {self.structure!r}; choose one of: {', '.join(STRUCTURES)}")
         if not (0.0 <= float(self.ratio) < 1.0):

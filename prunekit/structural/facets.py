@@ -66,8 +66,8 @@ class UnionFind:
         a, b = torch.broadcast_tensors(a, b)
         keep = (a >= 0) & (b >= 0) & (a != b)
         if bool(keep.any()):
-            pairs = torch.stack([a[keep], b[keep]], 1).numpy()
-            self.edges.append(np.unique(pairs, axis=0))
+            key = np.unique((a[keep].numpy() << 32) | b[keep].numpy())  # dedupe as one int64 each
+            self.edges.append(np.stack([key >> 32, key & 0xFFFFFFFF], 1))
             self.kinds.append(kind)
 
     def couple_all(self, ids: Tensor, kind: str = "") -> None:

@@ -101,6 +101,8 @@ def groups_from_trace(trace: Trace, model: nn.Module, ignore: tuple[str, ...] = 
     role = {r: set(roots[_ids_of(trace, r)].tolist()) for r in ("producers", "frozen", "heads")}
     role["inexact"] = _inexact(trace, roots)
     kv_sub = set(sub_roots[_ids_of(trace, "kv")].tolist())
+    eligible = np.zeros(trace.uf.size, dtype=bool)
+    eligible[list(role["producers"] - role["frozen"])] = True
     members: dict[int, list[Member]] = defaultdict(list)
     subs: dict[int, dict[int, list[Member]]] = defaultdict(lambda: defaultdict(list))
     for name, dims in trace.param_ids.items():
@@ -108,13 +110,12 @@ def groups_from_trace(trace: Trace, model: nn.Module, ignore: tuple[str, ...] = 
             if ids is None:
                 continue
             comp, sub = roots[ids.numpy()], sub_roots[ids.numpy()]
-            for c in np.unique(comp):
-                where = np.nonzero(comp == c)[0]
-                members[int(c)].append(Member(name, d, tuple(where.tolist())))
-                for s in np.unique(sub[where]):
-                    if int(s) not in kv_sub:
-                        idx = where[sub[where] == s]
-                        subs[int(c)][int(s)].append(Member(name, d, tuple(idx.tolist())))
+            for c, where in _split_by(comp, eligible[comp]):
+                members[c].append(Member(name, d, tuple(where.tolist())))
+                if c in role["heads"]:
+                    for s, idx in _split_by(sub[where], np.ones(len(where), dtype=bool)):
+                        if s not in kv_sub:
+                            subs[c][s].append(Member(name, d, tuple(where[idx].tolist())))
     frozen_params = {n for n in trace.param_ids if any(n.startswith(p) for p in ignore)}
     families: dict[tuple, list[int]] = defaultdict(list)
     for c, ms in members.items():
@@ -139,6 +140,18 @@ def groups_from_trace(trace: Trace, model: nn.Module, ignore: tuple[str, ...] = 
         groups.append(Group(_name(units[0]), kind, units, any(c in role["inexact"] for c in comps), sub_units))
     groups.sort(key=lambda g: _order(g.name))
     return groups
+
+
+def _split_by(labels: np.ndarray, mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """``(label, positions)`` for each distinct label among the masked positions."""
+    pos = np.nonzero(mask)[0]
+    if pos.size == 0:
+        return []
+    order = pos[np.argsort(labels[pos], kind="stable")]
+    sorted_labels = labels[order]
+    bounds = np.flatnonzero(np.diff(sorted_labels)) + 1
+    starts = np.r_[0, bounds]
+    return [(int(sorted_labels[i]), part) for i, part in zip(starts, np.split(order, bounds))]
 
 
 def _inexact(trace: Trace, roots: np.ndarray) -> set[int]:
