@@ -125,6 +125,7 @@ def groups_from_trace(trace: Trace, model: nn.Module, ignore: tuple[str, ...] = 
             continue
         families[tuple(sorted((m.param, m.dim, len(m.index)) for m in ms))].append(c)
     modules = dict(model.named_modules())
+    order = {name: i for i, name in enumerate(trace.param_ids)}  # first use = execution order
     groups = []
     for signature, comps in families.items():
         if len(comps) < 2:
@@ -137,7 +138,13 @@ def groups_from_trace(trace: Trace, model: nn.Module, ignore: tuple[str, ...] = 
             sub_units = [[tuple(v) for _, v in sorted(subs[c].items())] for c in comps]
             if all(len(s) <= 1 for s in sub_units):
                 sub_units = []
-        groups.append(Group(_name(units[0]), kind, units, any(c in role["inexact"] for c in comps), sub_units))
+        groups.append(Group(_name(units[0], order), kind, units, any(c in role["inexact"] for c in comps), sub_units))
+    counts: dict[str, int] = defaultdict(int)
+    for g in groups:
+        counts[g.name] += 1
+    for g in groups:  # several groups under one module: name each by where it starts
+        if counts[g.name] > 1:
+            g.name = _name(g.units[0], order, prefix=False)
     groups.sort(key=lambda g: _order(g.name))
     return groups
 
@@ -178,11 +185,15 @@ def _kind(unit: tuple[Member, ...], modules: dict[str, nn.Module], heads: bool) 
     return "neurons"
 
 
-def _name(unit: tuple[Member, ...]) -> str:
-    """The longest module prefix the unit's producing parameters share."""
-    parts = [m.param.split(".")[:-1] for m in unit]
-    prefix = os.path.commonprefix(parts)
-    return ".".join(prefix) if prefix else "<root>"
+def _name(unit: tuple[Member, ...], order: dict[str, int], prefix: bool = True) -> str:
+    """The longest module prefix the unit's parameters share; for a structure spread over
+    the model (a CNN's residual channels), the first module whose output it is."""
+    common = os.path.commonprefix([m.param.split(".")[:-1] for m in unit]) if prefix else []
+    if common:
+        return ".".join(common)
+    outputs = [m.param for m in unit if m.dim == 0 and m.param.endswith(".weight")] or [unit[0].param]
+    first = min(outputs, key=lambda p: order.get(p, 0))
+    return first.rpartition(".")[0] + "+"
 
 
 def _order(name: str) -> tuple:

@@ -558,3 +558,18 @@ def sdpa(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         shape = [1] * out.ndim
         shape[-3] = -1
         tr.set(out, [rep_ids.view(shape)])
+
+
+@rule("_grouped_mm", "grouped_mm")
+def grouped_mm(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+    """Mixture-of-experts matmul: tokens ``(N, in)`` sorted by expert times per-expert weights
+    ``(E, in, out)``. Expert ``e``'s rows are not separate units here (see experts.py)."""
+    x, w = args[0], args[1]
+    if x.ndim != 2 or w.ndim != 3:
+        raise StructureError(f"{name} with input {tuple(x.shape)} and weight {tuple(w.shape)} is not supported")
+    tr.trace.macs += out.numel() * x.shape[-1]
+    w_in, w_out = _param_axis(tr, w, 1), _param_axis(tr, w, 2)
+    _contract(tr, x, w_in, -1)
+    if w_out is not None:
+        tr.trace.mark("producers", w_out)
+        tr.set(out, [w_out.view(1, -1)])
