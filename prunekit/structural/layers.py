@@ -110,14 +110,11 @@ class SkipBlock(nn.Module):
         self.inner = block
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        probe = getattr(self, "_returns_tuple", False)
-        return (hidden,) if probe else hidden
+        return args[0] if args else kwargs["hidden_states"]
 
 
-def skip_blocks(model: nn.Module, drop: list[int], returns_tuple: bool = False) -> None:
-    """Replace blocks ``drop`` by :class:`SkipBlock` in place (for equality tests)."""
+def skip_blocks(model: nn.Module, drop: list[int]) -> None:
+    """Replace blocks ``drop`` by :class:`SkipBlock` in place (the masked reference)."""
     _, blocks = find_blocks(model)
     for i in drop:
         blocks[i] = SkipBlock(blocks[i])
-        blocks[i]._returns_tuple = returns_tuple

@@ -106,16 +106,21 @@ def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: lis
     compensate = cfg.bias_compensation if cfg.bias_compensation is not None else cfg.method == "flap"
     if score.needs and not data:
         raise ConfigError(f"score {cfg.method!r} needs calibration data (--calib TEXT, or data=...)")
-    if "grads" in score.needs:
-        ctx.grads = accumulate_grads(model, data, loss_fn)
     if "inputs" in score.needs or compensate:
         if not data:
             raise ConfigError("bias compensation needs calibration data")
         ctx.moments = input_moments(model, data)
     if cfg.structure == "heads" and cfg.heads == "query":
-        chosen = _query_heads(groups, cfg, ctx, score)
+        for g in groups:
+            if not g.sub_units:
+                raise ConfigError(f"{g.name} has one query head per key/value head; use heads='kv' there")
+        pools = [[s for u in g.sub_units for s in u] for g in groups]
     else:
-        scores = [_finite(score(g.units, ctx), g.name) for g in groups]
+        pools = [g.units for g in groups]
+    scores = [_finite(s, g.name) for s, g in zip(_score_all(score, pools, ctx, data, loss_fn), groups)]
+    if cfg.structure == "heads" and cfg.heads == "query":
+        chosen = _query_heads(groups, scores, cfg)
+    else:
         names = [g.name for g in groups]
         if cfg.allocation == "uniform":
             picks = uniform(scores, [cfg.ratio_for(n) for n in names], cfg.round_to, names)
@@ -131,21 +136,34 @@ def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: lis
     return summary, attrs
 
 
+def _score_all(score: Any, pools: list[list[tuple[Member, ...]]], ctx: ScoreContext, data: list[Any],
+               loss_fn: LossFn | None) -> list[Tensor]:
+    """Scores of every pool of units. Gradient scores are summed over per-batch gradients, as
+    Molchanov et al. (2019) accumulate (sum w*g)^2 over minibatches: at a converged model the
+    mean gradient vanishes but its per-batch fluctuation still tells units apart."""
+    if "grads" not in score.needs:
+        return [score(p, ctx) for p in pools]
+    total = [torch.zeros(len(p)) for p in pools]
+    for batch in data:
+        ctx.grads = accumulate_grads(ctx.model, [batch], loss_fn)
+        for t, p in zip(total, pools):
+            t += score(p, ctx)
+    ctx.grads = {}
+    return total
+
+
 def _finite(scores: Tensor, name: str) -> Tensor:
     if not torch.isfinite(scores).all():
         raise StructureError(f"scores of {name} are not finite (NaN/Inf weights, gradients or activations)")
     return scores
 
 
-def _query_heads(groups: list[Group], cfg: StructureConfig, ctx: ScoreContext, score: Any) -> list[list[tuple]]:
+def _query_heads(groups: list[Group], scores: list[Tensor], cfg: StructureConfig) -> list[list[tuple]]:
     """The same number of query heads from every key/value group (keeps GQA valid)."""
     chosen = []
-    for g in groups:
-        if not g.sub_units:
-            raise ConfigError(f"{g.name} has one query head per key/value head; use heads='kv' there")
+    for g, s in zip(groups, scores):
         rep = len(g.sub_units[0])
-        flat = [s for u in g.sub_units for s in u]
-        sc = _finite(score(flat, ctx), g.name).view(len(g), rep)
+        sc = s.view(len(g), rep)
         k = count_to_remove(rep, cfg.ratio_for(g.name), 1, f"{g.name} (query heads per group)")
         chosen.append([g.sub_units[u][i] for u in range(len(g)) for i in lowest(sc[u], k)])
     return chosen
