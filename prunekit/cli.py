@@ -204,6 +204,9 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
     from .patterns import PATTERNS
     from .reconstruct import RECONSTRUCTIONS
     from .scoring import SCORES
+    from .structural import GROUP_SCORES
+    from .structural.experts import EXPERT_SCORES
+    from .structural.layers import LAYER_SCORES
 
     info = {
         "methods": {m: {"score": METHODS.get(m)[0], "reconstruction": METHODS.get(m)[1]} for m in METHODS.names()},
@@ -211,6 +214,10 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
         "patterns": PATTERNS.names() + ["N:M (e.g. 2:4, 4:8)"],
         "allocations": ALLOCATIONS.names(),
         "reconstructions": RECONSTRUCTIONS.names(),
+        "structures": ["channels", "neurons", "heads", "width", "layers", "experts"],
+        "structural_scores": GROUP_SCORES.names(),
+        "layer_scores": LAYER_SCORES.names(),
+        "expert_scores": EXPERT_SCORES.names(),
     }
     if not args.json:
         for key, value in info.items():

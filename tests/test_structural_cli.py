@@ -1,0 +1,55 @@
+"""The CLI contract of structural pruning: flags, --json fields, eval on the result, errors."""
+import json
+
+import pytest
+
+from prunekit.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_json(out):
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("structure,extra", [("neurons", ["--method", "wanda"]), ("heads", ["--heads", "query"]),
+                                             ("layers", ["--method", "block-influence"]), ("channels", [])])
+def test_structure_json_then_eval(capsys, tiny_llama_dir, tmp_path, structure, extra):
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "prune", tiny_llama_dir, "--structure", structure, "--ratio", 0.5, *extra,
+                         "--nsamples", 4, "--seqlen", 32, "--output", out_dir, "--json", "--quiet")
+    assert code == 0, err
+    rep = last_json(out)
+    for key in ("params_before", "params_after", "macs_before", "macs_after", "seconds"):
+        assert isinstance(rep[key], (int, float)) and rep[key] > 0, key
+    assert rep["params_after"] < rep["params_before"] and rep["macs_after"] < rep["macs_before"]
+    assert rep["structure"] == structure and rep["exact"] == (structure != "channels")
+    assert (out_dir / "prunekit_structure.json").is_file() and (out_dir / "prunekit_recipe.yaml").is_file()
+    code, out, _ = run(capsys, "eval", out_dir, "--seqlen", 32, "--max-tokens", 256, "--json", "--quiet")
+    ev = last_json(out)
+    assert code == 0 and ev["tokens"] == 256 and ev["params_total"] == rep["params_after"]
+    code, out, _ = run(capsys, "prune", tiny_llama_dir, "--recipe", out_dir / "prunekit_recipe.yaml",
+                       "--output", tmp_path / "again", "--json", "--quiet")
+    assert code == 0 and last_json(out)["params_after"] == rep["params_after"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--structure", "heads", "--ratio", "0.9"], "would remove all 2 units"),
+    (["--structure", "heads", "--ratio", "1.5"], "outside [0, 1)"),
+    (["--structure", "neurons"], "needs --ratio"),
+    (["--structure", "neurons", "--ratio", "0.2", "--sparsity", "0.5"], "--sparsity is for weight pruning"),
+    (["--structure", "neurons", "--ratio", "0.2", "--method", "sparsegpt"], "unknown structural score"),
+    (["--structure", "layers", "--ratio", "0.2", "--method", "l2"], "unknown layer score"),
+    (["--structure", "experts", "--ratio", "0.5"], "no mixture-of-experts"),
+    (["--structure", "neurons", "--ratio", "0.2", "--allocation", "owl"], "uniform' or 'global"),
+    (["--ratio", "0.2"], "--ratio goes with --structure"),
+])
+def test_bad_structural_input_exits_2_and_writes_nothing(capsys, tiny_llama_dir, tmp_path, args, message):
+    out_dir = tmp_path / "out"
+    code, _, err = run(capsys, "prune", tiny_llama_dir, *args, "--nsamples", 2, "--seqlen", 32, "--output", out_dir)
+    assert code == 2 and message in err, err
+    assert not out_dir.exists()
