@@ -214,3 +214,38 @@ def test_ratio_that_empties_a_group_is_refused():
     with pytest.raises(StructureError, match="no prunable neurons"):
         prune_structure(nn.Sequential(nn.Linear(4, 2)), StructureConfig("neurons", 0.5),
                         example_inputs=torch.randn(1, 4))
+
+
+def hf_encoder(kind):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "vit":
+        cfg = tf.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=128, num_labels=10)
+        return tf.ViTForImageClassification(cfg).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)}
+    cfg = tf.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0  # padding must not matter
+    return tf.BertModel(cfg).eval(), {"input_ids": IDS["input_ids"], "attention_mask": mask}
+
+
+@pytest.mark.parametrize("kind", ["vit", "bert"])
+def test_hf_encoders_graph_and_exact_removal(kind):
+    model, inputs = hf_encoder(kind)
+    graph = build_graph(model, inputs)
+    assert {"heads", "neurons"} <= {g.kind for g in graph.groups}
+    # a classifier's hidden width feeds its head (prunable, inexact); an encoder's is its output (kept)
+    assert bool(graph.of_kind("width")) == (kind == "vit")
+
+    def out(m):
+        with torch.no_grad():
+            o = m(**inputs)
+        return o.logits if kind == "vit" else o.last_hidden_state
+
+    for k in ("heads", "neurons"):
+        units = some_units(graph, k)
+        pruned = copy.deepcopy(model)
+        remove_units(pruned, units)
+        torch.testing.assert_close(out(pruned), out(mask_units(model, units)), rtol=1e-5, atol=1e-5)
