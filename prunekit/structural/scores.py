@@ -28,6 +28,15 @@ class ScoreContext:
     moments: dict[str, FeatureMoments] = field(default_factory=dict)
     generator: torch.Generator | None = None
 
+    params: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.params = frozenset(n for n, _ in self.model.named_parameters(remove_duplicate=False))
+
+    def is_parameter(self, name: str) -> bool:
+        """Weights, not buffers: running statistics say nothing about importance."""
+        return name in self.params
+
     def tensor(self, name: str) -> Tensor:
         owner, _, attr = name.rpartition(".")
         return getattr(self.model.get_submodule(owner) if owner else self.model, attr).detach()
@@ -83,7 +92,7 @@ def _per_member(units: list[tuple[Member, ...]], ctx: ScoreContext, fn: Callable
                 select: Callable[[Member, ScoreContext], bool] = lambda m, c: True) -> Tensor:
     total = torch.zeros(len(units))
     for k, m in enumerate(units[0]):
-        if select(m, ctx):
+        if select(m, ctx) and ctx.is_parameter(m.param):
             total += fn(member_slices(ctx.tensor(m.param).float(), units, k), k)
     return total
 
