@@ -91,6 +91,8 @@ def _config(args: argparse.Namespace):
     if args.recipe:
         import yaml
 
+        if not Path(args.recipe).is_file():
+            raise ConfigError(f"recipe file {args.recipe} does not exist")
         try:
             body = yaml.safe_load(Path(args.recipe).read_text())
         except (OSError, yaml.YAMLError) as exc:

@@ -88,3 +88,18 @@ def ids_for(tokenizer, text: str, n: int, seqlen: int, seed: int = 0) -> torch.T
     from prunekit.calibration.text import calibration_windows, tokenize
 
     return calibration_windows(tokenize(tokenizer, text[:200_000]), n, seqlen, seed)
+
+
+def run_cli(capsys, *argv):
+    """Run the CLI in-process; (exit code, stdout, stderr)."""
+    from prunekit.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_json(out: str):
+    import json
+
+    return json.loads(out.strip().splitlines()[-1])

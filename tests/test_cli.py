@@ -1,22 +1,15 @@
 """The CLI contract: flags, --json last line, exit codes, nothing written on bad input."""
-import json
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from prunekit.cli import main
+from conftest import last_json, run_cli
+from prunekit.cli import main  # noqa: F401
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def last_json(out):
-    return json.loads(out.strip().splitlines()[-1])
+run = run_cli
 
 
 @pytest.mark.parametrize("method,pattern", [("magnitude", "unstructured"), ("random", "4:8"), ("wanda", "2:4"),
@@ -48,7 +41,7 @@ def test_owl_allocation_and_eval_flag(capsys, tiny_llama_dir, tmp_path):
     (["--pattern", "2:3"], "not divisible by M=3"),
     (["--pattern", "diagonal"], "unknown pattern"),
     (["--method", "obd"], "unknown method 'obd'"),
-    (["--allocation", "erk"], "unknown allocation"),
+    (["--allocation", "bogus"], "unknown allocation"),
     (["--calib", "missing.txt"], "does not exist"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(capsys, tiny_llama_dir, tmp_path, args, message):

@@ -1,19 +1,12 @@
 """The CLI contract of structural pruning: flags, --json fields, eval on the result, errors."""
-import json
 
 import pytest
 
-from prunekit.cli import main
+from conftest import last_json, run_cli
+from prunekit.cli import main  # noqa: F401
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def last_json(out):
-    return json.loads(out.strip().splitlines()[-1])
+run = run_cli
 
 
 @pytest.mark.parametrize("structure,extra", [("neurons", ["--method", "wanda"]), ("heads", ["--heads", "query"]),

@@ -187,6 +187,6 @@ def test_score_context_reads_grads():
     graph = build_graph(model, {"input_ids": DATA[:1], "use_cache": False})
     group = graph.of_kind("neurons")[0]
     ctx = ScoreContext(model)
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigError, match="need input statistics"):
         GROUP_SCORES.get("wanda")(group.units, ctx)  # no input statistics collected
     assert GROUP_SCORES.get("taylor")(group.units, ctx).abs().sum() == 0  # no gradients: no evidence

@@ -52,6 +52,17 @@ def forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def run_hooked(model: nn.Module, data: list[Any], handles: list[Any]) -> None:
+    """Forward every batch without gradients so the hooks see it, then remove the hooks."""
+    try:
+        with torch.no_grad():
+            for b in data:
+                forward(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def default_loss(model: nn.Module, batch: Any) -> Tensor:
     """Causal-LM loss on token batches; cross-entropy on (x, y) pairs."""
     if isinstance(batch, dict) and "input_ids" in batch:
@@ -109,15 +120,8 @@ def input_moments(model: nn.Module, data: list[Any]) -> dict[str, FeatureMoments
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(f"{n}.weight", isinstance(m, nn.modules.conv._ConvNd)))
-               for n, m in _consumers(model)]
-    try:
-        with torch.no_grad():
-            for b in data:
-                forward(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, data, [m.register_forward_pre_hook(hook(f"{n}.weight", isinstance(m, nn.modules.conv._ConvNd)))
+                             for n, m in _consumers(model)])
     return stats
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, StructureError
 from ..registry import Registry
-from .data import forward
+from .data import run_hooked
 
 EXPERT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -66,14 +66,7 @@ def frequency(model: nn.Module, layers: list[MoELayer], data: list[Any], gen: to
 
         return record
 
-    handles = [layer.router.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for batch in data:
-                forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, data, [layer.router.register_forward_hook(hook(i)) for i, layer in enumerate(layers)])
     return [m.float() for m in mass]
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .rules import RULES
 from .trace import Trace, trace_model
@@ -127,7 +127,7 @@ def groups_from_trace(trace: Trace, model: nn.Module, ignore: tuple[str, ...] = 
     modules = dict(model.named_modules())
     order = {name: i for i, name in enumerate(trace.param_ids)}  # first use = execution order
     groups = []
-    for signature, comps in families.items():
+    for comps in families.values():
         if len(comps) < 2:
             continue
         comps.sort(key=lambda c: min(m.index[0] for m in members[c]))

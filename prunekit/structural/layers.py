@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, StructureError
 from ..models.decoder import find_blocks
 from ..registry import Registry
-from .data import forward
+from .data import run_hooked
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,7 @@ def block_influence(model: nn.Module, blocks: nn.ModuleList, data: list[Any], ge
 
         return record
 
-    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for batch in data:
-                forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, data, [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)])
     return (total / count.clamp_min(1)).float()
 
 

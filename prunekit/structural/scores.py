@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..registry import Registry
 from .data import FeatureMoments
-from .graph import Group, Member
+from .graph import Member
 
 UNIT_STRUCTURES = frozenset({"channels", "neurons", "heads", "width"})
 
@@ -158,6 +158,8 @@ def input_dim(m: Member, ctx: ScoreContext) -> bool:
 def _consumer_score(units: list[tuple[Member, ...]], ctx: ScoreContext,
                     per_input: Callable[[Tensor, FeatureMoments], Tensor]) -> Tensor:
     """Sum over the unit's consumer members of ``per_input(|W| columns, moments)[j]``."""
+    if not ctx.moments:
+        raise ConfigError("activation scores need input statistics: pass calibration data (--calib TEXT or data=...)")
     total = torch.zeros(len(units))
     found = False
     for k, m in enumerate(units[0]):
