@@ -167,7 +167,7 @@ def cmd_structure(args: argparse.Namespace, config: Any, t0: float) -> dict[str,
         raise ModelLoadError(f"{args.model} has no tokenizer; structural pruning from the CLI needs one for --calib")
     ids = tokenize(tokenizer, load_text(args.calib, "calib"))
     data = calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
-    result = prune_structure(model, config, data=data, tokenizer=tokenizer)
+    result = prune_structure(model, config, data=data, tokenizer=tokenizer, progress=not args.quiet)
     r = result.report
     out: dict[str, Any] = {k: r[k] for k in (
         "structure", "ratio", "method", "params_before", "params_after", "macs_before", "macs_after", "seconds", "exact")}

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from tqdm.auto import tqdm
+
 from ..errors import CalibrationError, ConfigError
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -33,6 +35,18 @@ def batches(data: Any, batch_size: int) -> list[Any]:
         f"calibration data of type {type(data).__name__} is not understood; pass token ids (N, T), "
         "a tensor of inputs, an (inputs, labels) pair, or a list of batches"
     )
+
+
+class Batches(list):
+    """Calibration batches; every pass over them shows a progress bar when ``progress``."""
+
+    def __init__(self, items: list[Any], progress: bool = False) -> None:
+        super().__init__(items)
+        self.progress = progress
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(tqdm(list.__iter__(self), total=len(self), desc="calibration batches",
+                         disable=not self.progress, leave=False))
 
 
 def example_of(batch: Any, rows: int = 1, tokens: int = 64) -> Any:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, StructureError
 from .config import StructureConfig
-from .data import LossFn, accumulate_grads, batches, example_of, input_moments
+from .data import Batches, LossFn, accumulate_grads, batches, example_of, input_moments
 from .graph import Graph, Group, Member, build_graph
 from .remove import remove_units
 from .scores import ScoreContext, check_applies, input_dim
@@ -44,16 +44,16 @@ def count_params(model: nn.Module) -> int:
 
 
 def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = None, example_inputs: Any = None,
-                    loss_fn: LossFn | None = None, tokenizer: Any = None) -> StructureResult:
+                    loss_fn: LossFn | None = None, tokenizer: Any = None, progress: bool = False) -> StructureResult:
     """Remove ``config.ratio`` of the chosen structure from ``model`` in place.
 
     ``data``: calibration data (token ids ``(N, T)``, an ``(inputs, labels)`` pair, inputs,
-    or a list of batches) for data-aware scores. ``example_inputs``: one input for tracing
+    or a list of batches) for data-aware scores. ``progress``: a bar per pass over the data. ``example_inputs``: one input for tracing
     (default: cut from ``data``). ``loss_fn(model, batch)``: for gradient scores when the
     default (LM loss, or cross-entropy on labelled pairs) does not fit.
     """
     start = time.perf_counter()
-    data_batches = batches(data, config.batch_size) if data is not None else []
+    data_batches = Batches(batches(data, config.batch_size) if data is not None else [], progress)
     example = example_inputs if example_inputs is not None else (example_of(data_batches[0]) if data_batches else None)
     if example is None:
         raise ConfigError("structural pruning traces one forward pass: pass example_inputs=... or calibration data")
