@@ -156,7 +156,17 @@ def index(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
             tr.set(o, [m[i] for m in moved])
 
 
+def _cpu(obj: Any) -> Any:
+    """Index tensors move to the CPU, where ids live (the model may run on a GPU)."""
+    if isinstance(obj, Tensor):
+        return obj.cpu()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(o) for o in obj)
+    return obj
+
+
 def func_on_ids(name: str, ids: Tensor, args: tuple, kwargs: dict) -> Any:
+    args, kwargs = _cpu(args), {k: _cpu(v) for k, v in kwargs.items()}
     if name in ("T", "mT"):
         return getattr(ids, name)
     if name == "gather":  # torch.gather(x, dim, index)
