@@ -249,3 +249,23 @@ def test_hf_encoders_graph_and_exact_removal(kind):
         pruned = copy.deepcopy(model)
         remove_units(pruned, units)
         torch.testing.assert_close(out(pruned), out(mask_units(model, units)), rtol=1e-5, atol=1e-5)
+
+
+class _WithLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.rnn, self.b, self.c = nn.Linear(8, 16), nn.LSTM(16, 16, batch_first=True), nn.Linear(16, 32), nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.rnn(torch.relu(self.a(x)))[0])))
+
+
+def test_unsupported_layer_is_named_and_can_be_a_black_box():
+    model, x = _WithLSTM(), torch.randn(2, 5, 8)
+    with pytest.raises(StructureError, match=r"'lstm' \(in module 'rnn'\).*ignore=\['rnn'\]"):
+        build_graph(model, x)
+    graph = build_graph(model, x, ignore=("^rnn$",))
+    assert [(g.name, len(g)) for g in graph.groups] == [("b+", 32)]  # a feeds the LSTM: kept whole
+    result = prune_structure(model, StructureConfig("neurons", 0.5, ignore=("^rnn$",)), example_inputs=x)
+    assert model.b.out_features == 16 and model.c.in_features == 16 and model.a.out_features == 16
+    assert result.report["params_after"] < result.report["params_before"]

@@ -10,6 +10,7 @@ A group's units are interchangeable candidates for the same allocation.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -82,10 +83,11 @@ class Graph:
 def build_graph(model: nn.Module, inputs: Any, *, ignore: tuple[str, ...] = ()) -> Graph:
     """Trace ``model`` on ``inputs`` once and return its groups of coupled units.
 
-    ``ignore``: parameter-name prefixes whose units must stay (e.g. a classifier head).
+    ``ignore``: regexes of module names to treat as black boxes; every unit touching one of
+    their parameters or inputs stays (e.g. an LSTM, or a classifier head you want whole).
     """
     start = time.perf_counter()
-    trace = trace_model(model, inputs, RULES)
+    trace = trace_model(model, inputs, RULES, opaque=ignore)
     groups = groups_from_trace(trace, model, ignore)
     return Graph(groups, trace.macs, time.perf_counter() - start, trace)
 
@@ -116,7 +118,7 @@ def groups_from_trace(trace: Trace, model: nn.Module, ignore: tuple[str, ...] = 
                     for s, idx in _split_by(sub[where], np.ones(len(where), dtype=bool)):
                         if s not in kv_sub:
                             subs[c][s].append(Member(name, d, tuple(where[idx].tolist())))
-    frozen_params = {n for n in trace.param_ids if any(n.startswith(p) for p in ignore)}
+    frozen_params = {n for n in trace.param_ids if any(re.search(p, n.rpartition(".")[0]) for p in ignore)}
     families: dict[tuple, list[int]] = defaultdict(list)
     for c, ms in members.items():
         if c not in role["producers"] or c in role["frozen"]:

@@ -58,7 +58,7 @@ def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = No
     if example is None:
         raise ConfigError("structural pruning traces one forward pass: pass example_inputs=... or calibration data")
     params_before = count_params(model)
-    graph = build_graph(model, example)
+    graph = build_graph(model, example, ignore=config.ignore)
     macs_before = graph.macs
     config_changes: dict[str, Any] = {}
     attrs: dict[str, dict[str, Any]] = {}
@@ -69,7 +69,7 @@ def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = No
     else:
         summary, attrs = _prune_units(model, graph, config, data_batches, loss_fn)
     try:
-        after = build_graph(model, example)
+        after = build_graph(model, example, ignore=config.ignore)
     except Exception as exc:  # noqa: BLE001 - any failure here means the model no longer runs
         raise StructureError(
             f"the pruned model no longer runs ({type(exc).__name__}: {exc}); a module probably hard-codes a "

@@ -13,6 +13,7 @@ with the dependency rules expressed as label propagation over one real forward p
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -66,6 +67,7 @@ class Tracer(TorchFunctionMode):
         self.buffers = {id(t): name for name, t in model.named_buffers(remove_duplicate=True)}
         self.module_stack: list[str] = []
         self.data: set[int] = set()  # tensors computed from the model's inputs
+        self.opaque_depth = 0  # > 0 inside a module traced as a black box
         self.qualnames = {id(m): n for n, m in model.named_modules()}
 
     # --- facets of tensors -------------------------------------------------------------
@@ -114,6 +116,8 @@ class Tracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.opaque_depth:
+            return out
         name = op_name(func)
         rule = self.rules.get(name)
         if any(id(t) in self.data for t in tensors_in(args, kwargs)):
@@ -126,8 +130,9 @@ class Tracer(TorchFunctionMode):
         elif any(self.of(t) for t in tensors_in(args, kwargs)) and has_tensor(out):
             raise StructureError(
                 f"cannot trace op {name!r} (in module {self.where()!r}) on tensors that carry "
-                "prunable channels; prunekit has no coupling rule for it. Exclude that module "
-                "with ignore=[...] or register a rule in prunekit.structural.rules.RULES"
+                f"prunable channels; prunekit has no coupling rule for it. Treat the module as a "
+                f"black box with ignore=[{self.where()!r}] (CLI: --ignore), or register a rule in "
+                "prunekit.structural.rules.RULES"
             )
         return out
 
@@ -167,16 +172,32 @@ def walk_tensors(obj: Any) -> Iterator[Tensor]:
             yield from walk_tensors(v)
 
 
-def trace_model(model: nn.Module, inputs: Any, rules: dict[str, Callable[..., Any]]) -> Trace:
+def trace_model(model: nn.Module, inputs: Any, rules: dict[str, Callable[..., Any]],
+                opaque: tuple[str, ...] = ()) -> Trace:
     """Run ``model(**inputs)`` (dict) or ``model(*inputs)`` (tuple) or ``model(inputs)`` once
-    under the tracer and return the coupling it found. Outputs' units are frozen."""
+    under the tracer and return the coupling it found. Outputs' units are frozen.
+
+    ``opaque``: regexes of module names traced as black boxes: the units entering them are
+    frozen, nothing inside is traced, their outputs carry no units (an LSTM, a custom kernel).
+    """
     tracer = Tracer(model, rules)
+    patterns = [re.compile(p) for p in opaque]
+
     def enter(module: nn.Module, args: Any) -> None:
-        tracer.module_stack.append(tracer.qualnames.get(id(module), type(module).__name__))
+        name = tracer.qualnames.get(id(module), type(module).__name__)
+        tracer.module_stack.append(name)
+        if tracer.opaque_depth or any(p.search(name) for p in patterns):
+            if not tracer.opaque_depth:
+                for t in walk_tensors(args):
+                    for f in tracer.of(t):
+                        tracer.trace.mark("frozen", f)
+            tracer.opaque_depth += 1
 
     def leave(module: nn.Module, args: Any, out: Any) -> None:
         if tracer.module_stack:
             tracer.module_stack.pop()
+        if tracer.opaque_depth:
+            tracer.opaque_depth -= 1
 
     handles = [
         torch.nn.modules.module.register_module_forward_pre_hook(enter),
