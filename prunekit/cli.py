@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --structure heads: remove whole key/value groups (kv) or the same number of "
                         "query heads from every group (query)")
     p.add_argument("--round-to", type=int, default=1, help="with --structure: keep a multiple of this many units")
+    p.add_argument("--override", action="append", default=[], metavar="REGEX=R",
+                   help="with --structure: groups whose name matches REGEX lose R of their units instead "
+                        "(repeatable; first match wins), e.g. --override 'layers\\.0\\.=0'")
     p.add_argument("--recipe", help="YAML recipe (from a saved result); replaces --method and the axis flags")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed, in [0, 1) (default 0.5)")
     p.add_argument("--pattern", default="unstructured",
@@ -108,6 +111,7 @@ def _config(args: argparse.Namespace):
         method = args.method or {"layers": "block_influence", "experts": "frequency"}.get(args.structure, "flap")
         return StructureConfig.create(
             args.structure, args.ratio, method, allocation=args.allocation, ignore=tuple(args.ignore),
+            overrides=tuple(_override(o) for o in args.override),
             heads=args.heads, round_to=args.round_to, nsamples=args.nsamples, seqlen=args.seqlen,
             batch_size=args.batch_size, seed=args.seed)
     if args.ratio is not None:
@@ -118,6 +122,18 @@ def _config(args: argparse.Namespace):
         calibration=Calibration(args.nsamples, args.seqlen, args.batch_size, args.seed, args.sequential),
         sparsegpt=SparseGPTParams(args.blocksize, args.damp), target=Target(tuple(args.ignore)), seed=args.seed,
     )
+
+
+def _override(text: str) -> tuple[str, float]:
+    from .errors import ConfigError
+
+    regex, sep, ratio = text.rpartition("=")
+    try:
+        if not sep or not regex:
+            raise ValueError
+        return regex, float(ratio)
+    except ValueError:
+        raise ConfigError(f"--override {text!r}: use REGEX=R, e.g. 'layers\\.0\\.=0.1'") from None
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """The CLI contract of structural pruning: flags, --json fields, eval on the result, errors."""
+import json
 
 import pytest
 
@@ -40,9 +41,20 @@ def test_structure_json_then_eval(capsys, tiny_llama_dir, tmp_path, structure, e
     (["--structure", "experts", "--ratio", "0.5"], "no mixture-of-experts"),
     (["--structure", "neurons", "--ratio", "0.2", "--allocation", "owl"], "uniform' or 'global"),
     (["--ratio", "0.2"], "--ratio goes with --structure"),
+    (["--structure", "neurons", "--ratio", "0.2", "--override", "nothing"], "use REGEX=R"),
+    (["--structure", "neurons", "--ratio", "0.2", "--override", "x=1.5"], "override ratio 1.5"),
 ])
 def test_bad_structural_input_exits_2_and_writes_nothing(capsys, tiny_llama_dir, tmp_path, args, message):
     out_dir = tmp_path / "out"
     code, _, err = run(capsys, "prune", tiny_llama_dir, *args, "--nsamples", 2, "--seqlen", 32, "--output", out_dir)
     assert code == 2 and message in err, err
     assert not out_dir.exists()
+
+
+def test_override_flag(capsys, tiny_llama_dir, tmp_path):
+    code, out, err = run(capsys, "prune", tiny_llama_dir, "--structure", "neurons", "--ratio", "0.5", "--method", "l2",
+                         "--override", r"layers\.0\.=0", "--nsamples", 2, "--seqlen", 32,
+                         "--output", tmp_path / "o", "--json", "--quiet")
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "prunekit_report.json").read_text())
+    assert [(g["name"], g["removed"]) for g in report["groups"]] == [("model.layers.0.mlp", 0), ("model.layers.1.mlp", 64)]
