@@ -3,6 +3,7 @@ JSON object; logs and progress go to stderr. Errors exit with status 2 and write
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --structure heads: remove whole key/value groups (kv) or the same number of "
                         "query heads from every group (query)")
     p.add_argument("--round-to", type=int, default=1, help="with --structure: keep a multiple of this many units")
+    p.add_argument("--latency", action="store_true",
+                   help="with --structure: also time the dense and the pruned model on one calibration window "
+                        "(median of interleaved repeats) and report latency_ms_before/after")
     p.add_argument("--override", action="append", default=[], metavar="REGEX=R",
                    help="with --structure: groups whose name matches REGEX lose R of their units instead "
                         "(repeatable; first match wins), e.g. --override 'layers\\.0\\.=0'")
@@ -183,10 +187,19 @@ def cmd_structure(args: argparse.Namespace, config: Any, t0: float) -> dict[str,
         raise ModelLoadError(f"{args.model} has no tokenizer; structural pruning from the CLI needs one for --calib")
     ids = tokenize(tokenizer, load_text(args.calib, "calib"))
     data = calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
+    dense = copy.deepcopy(model) if args.latency else None
     result = prune_structure(model, config, data=data, tokenizer=tokenizer, progress=not args.quiet)
     r = result.report
+    if dense is not None:
+        from .evaluate import latencies_ms
+
+        ms = latencies_ms({"dense": dense, "pruned": model}, lambda: {"input_ids": data[:1], "use_cache": False},
+                          repeats=10)
+        r.update(latency_ms_before=ms["dense"], latency_ms_after=ms["pruned"], latency_tokens=int(data.shape[1]))
+        del dense
     out: dict[str, Any] = {k: r[k] for k in (
-        "structure", "ratio", "method", "params_before", "params_after", "macs_before", "macs_after", "seconds", "exact")}
+        "structure", "ratio", "method", "params_before", "params_after", "macs_before", "macs_after", "seconds", "exact",
+        "latency_ms_before", "latency_ms_after") if k in r}
     if args.eval:
         ppl = evaluate_perplexity(model, tokenizer, args.eval, seqlen=config.seqlen,
                                   max_tokens=args.eval_max_tokens, progress=not args.quiet)

@@ -53,8 +53,10 @@ def test_bad_structural_input_exits_2_and_writes_nothing(capsys, tiny_llama_dir,
 
 def test_override_flag(capsys, tiny_llama_dir, tmp_path):
     code, out, err = run(capsys, "prune", tiny_llama_dir, "--structure", "neurons", "--ratio", "0.5", "--method", "l2",
-                         "--override", r"layers\.0\.=0", "--nsamples", 2, "--seqlen", 32,
+                         "--override", r"layers\.0\.=0", "--nsamples", 2, "--seqlen", 32, "--latency",
                          "--output", tmp_path / "o", "--json", "--quiet")
     assert code == 0, err
+    rep = last_json(out)
+    assert rep["latency_ms_before"] > 0 and rep["latency_ms_after"] > 0
     report = json.loads((tmp_path / "o" / "prunekit_report.json").read_text())
     assert [(g["name"], g["removed"]) for g in report["groups"]] == [("model.layers.0.mlp", 0), ("model.layers.1.mlp", 64)]
