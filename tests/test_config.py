@@ -37,7 +37,7 @@ def test_nm_sparsity_must_agree():
 @pytest.mark.parametrize("kwargs,match", [
     ({"score": "fisher"}, "unknown score 'fisher'; choose one of: magnitude, obs, random, wanda"),
     ({"reconstruction": "lsq"}, "unknown reconstruction"),
-    ({"allocation": Allocation("erk")}, "unknown allocation 'erk'"),
+    ({"allocation": Allocation("bogus")}, "unknown allocation 'bogus'"),
 ])
 def test_unknown_names(kwargs, match):
     with pytest.raises(ConfigError, match=match):

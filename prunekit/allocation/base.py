@@ -15,12 +15,15 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class LayerRef:
     """A candidate layer as allocation sees it. ``scores()`` computes its (out, in) allocation
-    scores on demand, so only one layer's scores are in memory at a time."""
+    scores on demand, so only one layer's scores are in memory at a time. ``shape`` is the
+    parameter's own shape (e.g. ``(out, in, kh, kw)`` for a convolution) for rules that use
+    it (ERK); None means the (out, in) view is the shape."""
 
     name: str
     block: int
     numel: int
     scores: Callable[[], Tensor]
+    shape: tuple[int, ...] | None = None
 
 
 AllocateFn = Callable[[Sequence[LayerRef], float, "Allocation"], list[float]]

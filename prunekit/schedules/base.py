@@ -1,0 +1,151 @@
+"""What every training-time schedule shares: the context it sees, the protocol a controller
+drives, and the one function that turns per-parameter scores into masks through the
+existing allocation and pattern axes.
+
+Masks are boolean, True = pruned, shaped like the parameter (convolutions included); scores
+and patterns see the ``(out, in * prod(kernel))`` view.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol
+
+import torch
+from torch import Tensor
+
+from ..allocation import ALLOCATIONS, LayerRef
+from ..config import Allocation, Pattern
+from ..errors import ScheduleError
+from ..masking import as_2d
+from ..patterns import MaskSpec, check_nm_shape
+
+Masks = dict[str, Tensor]
+
+
+@dataclass
+class PruneContext:
+    """What a schedule may read when it updates masks: the live ``weights``, the current
+    ``masks``, dense gradients of the last backward (only when the schedule asked for them),
+    and the controller's seeded ``generator``."""
+
+    weights: Mapping[str, Tensor]
+    masks: Mapping[str, Tensor]
+    generator: torch.Generator
+    dense_grads: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+class TrainingSchedule(Protocol):
+    """Driven by :class:`prunekit.training.SparsityController`. ``step`` counts completed
+    optimizer steps: ``initial_masks`` runs at attach time (step 0), ``update`` after every
+    step; either returns new masks or None (keep the current ones)."""
+
+    def initial_masks(self, ctx: PruneContext) -> Masks | None: ...
+
+    def update(self, step: int, ctx: PruneContext) -> Masks | None: ...
+
+    def needs_dense_grads(self, step: int) -> bool: ...
+
+    def sparsity_at(self, step: int) -> float: ...
+
+
+def check_target(target: float, what: str = "target sparsity") -> None:
+    """Raise :class:`ScheduleError` unless ``0 <= target < 1``."""
+    if not isinstance(target, (int, float)) or math.isnan(target) or not (0.0 <= target < 1.0):
+        raise ScheduleError(
+            f"{what} {target!r} is outside [0, 1): it is the fraction of weights removed, e.g. 0.9"
+        )
+
+
+def check_pattern_target(pattern: Pattern, target: float) -> None:
+    """An N:M pattern fixes the final sparsity at 1 - N/M."""
+    if pattern.kind == "nm" and abs(target - pattern.sparsity) > 1e-9:
+        raise ScheduleError(
+            f"pattern {pattern} ends at sparsity {pattern.sparsity:g}, but target {target:g} was asked for; "
+            f"set target={pattern.sparsity:g}"
+        )
+
+
+def nm_keep(sparsity: float, pattern: Pattern) -> int:
+    """Weights kept per group of M at an intermediate ``sparsity`` of an N:M schedule: the
+    sparsity rounded down to the 1/M grid, never fewer than N kept."""
+    return max(pattern.n, pattern.m - math.floor(sparsity * pattern.m + 1e-9))
+
+
+def realised_sparsity(sparsity: float, pattern: Pattern) -> float:
+    """The sparsity a pattern actually reaches when ``sparsity`` is asked for."""
+    if pattern.kind == "nm":
+        return 1.0 - nm_keep(sparsity, pattern) / pattern.m
+    return sparsity
+
+
+def select_masks(scores: Mapping[str, Tensor], sparsity: float, *, allocation: str = "uniform",
+                 pattern: Pattern = Pattern(), keep_pruned: Mapping[str, Tensor] | None = None,
+                 channels: bool = False) -> Masks:
+    """Masks (True = pruned) pruning the lowest ``scores`` to overall ``sparsity``.
+
+    Unstructured: ``allocation`` (any ALLOCATIONS entry: uniform, global, global_min, erk...)
+    gives per-layer amounts, and each layer prunes its lowest scores (per ``row`` if the
+    pattern says so, else over the layer). N:M: every layer keeps :func:`nm_keep` of every M
+    (N:M fixes each layer's sparsity, so ``allocation`` is not used).
+    ``channels``: prune whole output channels (rows of the ``(out, in * kernel)`` view) ranked
+    by the L2 norm of their scores; ``sparsity`` is then the fraction of channels (equal to the
+    fraction of weights under uniform allocation). Masks only: physical removal of channels
+    is :mod:`prunekit.structural`'s job.
+    ``keep_pruned``: masks whose pruned positions must stay pruned (their scores are pushed
+    below every other score), so gradual and iterative pruning only ever remove more.
+    """
+    flat = {n: as_2d(s.detach().float()) for n, s in scores.items()}  # each (out, in * kernel)
+    pruned_before = {n: as_2d(m) for n, m in (keep_pruned or {}).items() if n in flat}
+    if channels:
+        if pattern.kind == "nm":
+            raise ScheduleError("channel pruning and an N:M pattern exclude each other; choose one")
+        flat = {n: s2.norm(dim=1, keepdim=True) for n, s2 in flat.items()}  # (out, 1)
+        pruned_before = {n: m.all(dim=1, keepdim=True) for n, m in pruned_before.items()}
+    if pruned_before:
+        floor = min(float(s2.min()) for s2 in flat.values()) - 1.0
+        flat = {n: s2.masked_fill(pruned_before[n], floor) if n in pruned_before else s2 for n, s2 in flat.items()}
+    if pattern.kind == "nm":
+        keep = nm_keep(sparsity, pattern)
+        out = {}
+        for name, s2 in flat.items():
+            check_nm_shape(s2.shape[1], pattern.m, name)
+            out[name] = (MaskSpec("nm", n=keep, m=pattern.m).mask(s2) if keep < pattern.m
+                         else torch.zeros_like(s2, dtype=torch.bool))
+        return {n: m.view(scores[n].shape) for n, m in out.items()}
+    refs = [LayerRef(n, i, s2.numel(), (lambda s2=s2: s2), None if channels else tuple(scores[n].shape))
+            for i, (n, s2) in enumerate(flat.items())]
+    amounts = ALLOCATIONS.get(allocation)(refs, sparsity, Allocation(allocation))
+    group = "layer" if channels else (pattern.group or "layer")
+    masks = {n: MaskSpec("unstructured", a, group).mask(s2) for (n, s2), a in zip(flat.items(), amounts)}
+    return {n: m.expand(as_2d(scores[n]).shape).reshape(scores[n].shape) for n, m in masks.items()}
+
+
+def magnitudes(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: w.detach().abs() for n, w in weights.items()}
+
+
+def random_scores(weights: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    # Drawn on the CPU so a seed gives the same masks on every device.
+    return {n: torch.rand(w.shape, generator=generator).to(w.device) for n, w in weights.items()}
+
+
+def shuffle_masks(masks: Mapping[str, Tensor], generator: torch.Generator) -> Masks:
+    """Layerwise shuffle (Frankle et al. 2021, "Pruning Neural Networks at Initialization: Why
+    are We Missing the Mark?"): each layer's pruned positions are permuted at random, keeping
+    only its sparsity. The control that tells whether a method found *which* weights matter
+    or only *how many* per layer. An N:M mask does not stay N:M."""
+    out = {}
+    for name, mask in masks.items():
+        perm = torch.randperm(mask.numel(), generator=generator).to(mask.device)  # (numel,)
+        out[name] = mask.reshape(-1)[perm].view(mask.shape)
+    return out
+
+
+def overall_sparsity(masks: Mapping[str, Tensor]) -> float:
+    return sum(int(m.sum()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
+
+
+__all__ = ["PruneContext", "TrainingSchedule", "Masks", "select_masks", "shuffle_masks", "check_target",
+           "check_pattern_target", "nm_keep", "realised_sparsity", "magnitudes", "random_scores",
+           "overall_sparsity"]

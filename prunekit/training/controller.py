@@ -1,0 +1,114 @@
+"""A sparsity controller for any PyTorch training loop.
+
+    controller = SparsityController(model, optimizer, Gradual(target=0.9, end=1000))
+    for x, y in loader:
+        loss_fn(model(x), y).backward()
+        optimizer.step(); optimizer.zero_grad()
+        controller.step()
+
+The controller owns a :class:`~prunekit.masking.Masker` (pruned weights stay exactly zero
+through every optimizer step, whatever the optimizer) and advances a schedule
+(:mod:`prunekit.schedules`) once per optimizer step. ``state_dict`` / ``load_state_dict``
+save and resume it with the training checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..masking import Masker, prunable_parameters, sparsity_report
+from ..schedules.base import PruneContext, TrainingSchedule
+
+log = logging.getLogger(__name__)
+
+
+class SparsityController:
+    """Keeps ``model``'s prunable weights masked through ``optimizer``'s steps and advances
+    ``schedule``. Without a schedule, ``masks`` (True = pruned) are held fixed (lottery
+    tickets, pruning at initialisation, recovery after one-shot pruning).
+
+    ``params``: the parameters to mask (default: every Linear/Conv weight not matching a
+    regular expression in ``ignore``). ``seed`` seeds the schedule's random draws.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule: TrainingSchedule | None = None, *, masks: Mapping[str, Tensor] | None = None,
+                 params: Mapping[str, nn.Parameter] | None = None, ignore: Iterable[str] = (),
+                 seed: int = 0) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.params = dict(params) if params is not None else prunable_parameters(model, ignore)
+        self.masker = Masker(self.params)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step_count = 0
+        self.masker.attach(optimizer)  # raises OptimizerMismatchError first, before any change
+        if masks is not None:
+            self.masker.set_masks(masks)
+        if schedule is not None:
+            self._install(schedule.initial_masks(self._context()))
+            self.masker.capture_dense_grads = schedule.needs_dense_grads(1)
+
+    def _context(self) -> PruneContext:
+        return PruneContext(self.params, self.masker.masks, self.generator, self.masker.dense_grads)
+
+    def _install(self, masks: Mapping[str, Tensor] | None) -> None:
+        if masks is None:
+            return
+        self.masker.set_masks(masks)
+        log.debug("step %d: sparsity %.4f", self.step_count, self.masker.sparsity())
+
+    def step(self) -> None:
+        """Advance the schedule by one optimizer step; call it after ``optimizer.step()``."""
+        self.step_count += 1
+        if self.schedule is None:
+            return
+        self._install(self.schedule.update(self.step_count, self._context()))
+        self.masker.dense_grads.clear()
+        self.masker.capture_dense_grads = self.schedule.needs_dense_grads(self.step_count + 1)
+
+    # -- inspection ----------------------------------------------------------------------
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        return self.masker.masks
+
+    def sparsity(self) -> float:
+        """Fraction of the controlled weights that are masked."""
+        return self.masker.sparsity()
+
+    def report(self) -> dict[str, dict]:
+        """Per-parameter zeros (:func:`prunekit.masking.sparsity_report`) of the controlled weights."""
+        return sparsity_report(self.model, self.params)
+
+    def make_permanent(self) -> nn.Module:
+        """Remove every hook; the zeros stay in the weights. Returns the model."""
+        self.masker.detach()
+        return self.model
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step count, masks (packed bool, on CPU) and RNG state; save it beside the model's
+        and optimizer's state dicts."""
+        return {
+            "step": self.step_count,
+            "masks": {n: m.detach().cpu().clone() for n, m in self.masker.masks.items()},
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore masks, step and RNG; load the model and optimizer state first."""
+        missing = {"step", "masks", "generator"} - set(state)
+        if missing:
+            raise ConfigError(f"controller state lacks {sorted(missing)}; pass what state_dict() returned")
+        unknown = set(state["masks"]) - set(self.params)
+        if unknown:
+            raise ConfigError(f"checkpoint masks name parameters this controller does not hold: {sorted(unknown)[:3]}")
+        self.step_count = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self.masker.set_masks(state["masks"])
+        if self.schedule is not None:
+            self.masker.capture_dense_grads = self.schedule.needs_dense_grads(self.step_count + 1)
