@@ -108,11 +108,18 @@ def test_cnn_coupling_facts():
     before = cnn.fc1.in_features
     remove_units(cnn, [last.units[0]])
     assert cnn.fc1.in_features == before - len(fc.index) and len(fc.index) > 1  # one channel = H*W features
-    mobile = ZOO["mobilenet"]().eval()
-    graph = build_graph(mobile, example_input("mobilenet"))
-    grouped = [g for g in graph.groups if any(isinstance(mobile.get_submodule(m.param.rpartition(".")[0]), nn.Conv2d)
-               and mobile.get_submodule(m.param.rpartition(".")[0]).groups == 2 for m in g.units[0])]
-    assert any(len(g) == 2 for g in grouped)  # a groups=2 conv: a unit is one whole conv group
+    grouped = nn.Sequential(nn.Conv2d(1, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1, groups=2), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    graph = build_graph(grouped, torch.rand(1, 1, 4, 4))
+    # a groups=2 conv: channel i of every group is one unit on each side, the group count stays
+    assert [len(g) for g in graph.groups] == [4, 4]
+    assert {(m.param, m.dim): m.index for m in graph.groups[0].units[1]}["0.weight", 0] == (1, 5)
+    remove_units(grouped, [graph.groups[0].units[1], graph.groups[1].units[2]])
+    assert (grouped[2].in_channels, grouped[2].out_channels, grouped[2].groups) == (6, 6, 2)
+    depthwise = nn.Sequential(nn.Conv2d(1, 4, 1), nn.Conv2d(4, 8, 3, groups=4), nn.Conv2d(8, 2, 1))
+    graph = build_graph(depthwise, torch.rand(1, 1, 6, 6))
+    (group,) = graph.groups  # depthwise (multiplier 2): input channel c with its two outputs
+    remove_units(depthwise, group.units[:1])
+    assert (depthwise[1].in_channels, depthwise[1].out_channels, depthwise[1].groups) == (3, 6, 3)
     unet = ZOO["unet"]().eval()
     graph = build_graph(unet, example_input("unet"))
     assert len(graph.of_kind("channels")) >= 6

@@ -49,7 +49,7 @@ def test_every_score_contract(method):
 
 
 def test_allocation_rules():
-    assert count_to_remove(10, 0.25, 1, "g") == 2 and count_to_remove(10, 0.25, 4, "g") == 2  # keeps 8
+    assert count_to_remove(10, 0.25, 1, "g") == 3 and count_to_remove(10, 0.25, 4, "g") == 2  # halves round up; keeps 8
     assert count_to_remove(64, 0.3, 8, "g") == 16  # 64 - 48: a multiple of 8 stays
     with pytest.raises(ConfigError, match="would remove all 4 units of g"):
         count_to_remove(4, 0.9, 1, "g")

@@ -16,6 +16,7 @@ from ..errors import ConfigError, StructureError
 from ..models.decoder import find_blocks
 from ..registry import Registry
 from .data import run_hooked
+from .select import half_up
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def random_blocks(model: nn.Module, blocks: nn.ModuleList, data: list[Any], gen:
 def choose_blocks(scores: Tensor, ratio: float) -> list[int]:
     """Indices of the ``round(ratio * n)`` lowest-scoring blocks (at least one block stays)."""
     n = scores.numel()
-    k = int(round(ratio * n))
+    k = half_up(ratio * n)
     if k >= n:
         raise ConfigError(f"ratio {ratio} would remove all {n} blocks; use a ratio below {(n - 0.5) / n:.3f}")
     return sorted(torch.argsort(scores, stable=True)[:k].tolist())

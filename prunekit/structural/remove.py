@@ -103,8 +103,8 @@ def _sizes(m: nn.Module, old: dict[str, Any] | None) -> dict[str, Any]:
     if isinstance(m, nn.modules.conv._ConvTransposeNd):
         return {"in_channels": w.shape[0], "out_channels": w.shape[1] * m.groups}
     if isinstance(m, nn.modules.conv._ConvNd):
-        groups = 1
-        if old and old["groups"] > 1:
+        groups = old["groups"] if old else m.groups
+        if old and old["groups"] > 1 and old["in_channels"] == old["groups"]:  # depthwise: whole groups go
             groups = w.shape[0] // (old["out_channels"] // old["groups"])
         return {"out_channels": w.shape[0], "groups": groups, "in_channels": groups * w.shape[1]}
     if isinstance(m, nn.modules.batchnorm._NormBase):

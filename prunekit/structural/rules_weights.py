@@ -63,13 +63,18 @@ def conv(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     if groups == 1:
         _contract(tr, x, w_in, 1)
     elif w_out is not None:
-        # A unit is one whole conv group: its input channels and its output channels.
         opg, ipg = w.shape[0] // groups, w.shape[1]
-        heads = w_out.view(groups, opg)
-        tr.trace.uf.couple(heads, heads[:, :1])
-        _contract(tr, x, heads[:, 0].repeat_interleave(ipg), 1)
-        if w_in is not None:
-            tr.trace.mark("frozen", w_in)  # shared by every group
+        outs = w_out.view(groups, opg)
+        if ipg == 1:
+            # depthwise: input channel c is one unit with the outputs of its group
+            tr.trace.uf.couple(outs, outs[:, :1])
+            _contract(tr, x, outs[:, 0], 1)
+        else:
+            # position i of every group is one unit (the group count stays): inputs j*ipg+i
+            # with the weight's input index i; outputs j*opg+i together
+            tr.trace.uf.couple(outs, outs[:1, :])
+            if w_in is not None:
+                _contract(tr, x, w_in.repeat(groups), 1)
     facets = [f for f in tr.of(x) if 1 not in varying(_pad(f, x.ndim))]
     if w_out is not None:
         tr.trace.mark("producers", w_out)
