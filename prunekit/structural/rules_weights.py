@@ -30,13 +30,20 @@ def linear(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     w_out, w_in = _param_axis(tr, w, 0), _param_axis(tr, w, 1)
     tr.trace.macs += out.numel() * w.shape[1]
     _contract(tr, x, w_in, -1)
-    facets = [f for f in tr.of(x) if x.ndim - 1 not in varying(_pad(f, x.ndim))]
+    _emit(tr, x, out, w_out, b, x.ndim - 1)
+
+
+def _emit(tr: Any, x: Tensor, out: Tensor, w_out: Tensor | None, bias: Any, dim: int) -> None:
+    """The output of a layer: ``x``'s facets not along ``dim``, plus the weight's output ids
+    along ``dim`` (which produce units), coupled with the bias."""
+    facets = [f for f in tr.of(x) if dim not in varying(_pad(f, x.ndim))]
     if w_out is not None:
         tr.trace.mark("producers", w_out)
-        o = w_out.view(*([1] * (out.ndim - 1)), -1)
-        if b is not None and (b_ids := _param_axis(tr, b, 0)) is not None:
+        if bias is not None and (b_ids := _param_axis(tr, bias, 0)) is not None:
             tr.trace.uf.couple(w_out, b_ids)
-        facets.append(o)
+        shape = [1] * out.ndim
+        shape[dim] = -1
+        facets.append(w_out.view(shape))
     tr.set(out, facets)
 
 
@@ -75,13 +82,7 @@ def conv(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
             tr.trace.uf.couple(outs, outs[:1, :])
             if w_in is not None:
                 _contract(tr, x, w_in.repeat(groups), 1)
-    facets = [f for f in tr.of(x) if 1 not in varying(_pad(f, x.ndim))]
-    if w_out is not None:
-        tr.trace.mark("producers", w_out)
-        if b is not None and (b_ids := _param_axis(tr, b, 0)) is not None:
-            tr.trace.uf.couple(w_out, b_ids)
-        facets.append(w_out.view(1, -1, *([1] * (out.ndim - 2))))
-    tr.set(out, facets)
+    _emit(tr, x, out, w_out, b, 1)
 
 
 @rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
@@ -93,13 +94,7 @@ def conv_transpose(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> N
     w_in, w_out = _param_axis(tr, w, 0), _param_axis(tr, w, 1)
     tr.trace.macs += x.numel() * w[0].numel()
     _contract(tr, x, w_in, 1)
-    facets = [f for f in tr.of(x) if 1 not in varying(_pad(f, x.ndim))]
-    if w_out is not None:
-        tr.trace.mark("producers", w_out)
-        if b is not None and (b_ids := _param_axis(tr, b, 0)) is not None:
-            tr.trace.uf.couple(w_out, b_ids)
-        facets.append(w_out.view(1, -1, *([1] * (out.ndim - 2))))
-    tr.set(out, facets)
+    _emit(tr, x, out, w_out, b, 1)
 
 
 def _channel_params(tr: Any, x: Tensor, params: list[Any], dim: int, out: Tensor) -> None:
