@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -21,6 +21,12 @@ from ..masking import as_2d
 from ..patterns import MaskSpec, check_nm_shape
 
 Masks = dict[str, Tensor]
+if TYPE_CHECKING:
+    from ..structural.graph import Member
+
+    Unit = tuple[Member, ...]
+else:
+    Unit = tuple
 
 
 @dataclass
@@ -33,6 +39,7 @@ class PruneContext:
     masks: Mapping[str, Tensor]
     generator: torch.Generator
     dense_grads: Mapping[str, Tensor] = field(default_factory=dict)
+    units: Sequence[Sequence[Unit]] = ()  # structural groups of coupled units, for channels=True
 
 
 class TrainingSchedule(Protocol):
@@ -81,7 +88,7 @@ def realised_sparsity(sparsity: float, pattern: Pattern) -> float:
 
 def select_masks(scores: Mapping[str, Tensor], sparsity: float, *, allocation: str = "uniform",
                  pattern: Pattern = Pattern(), keep_pruned: Mapping[str, Tensor] | None = None,
-                 channels: bool = False) -> Masks:
+                 channels: bool = False, units: Sequence[Sequence[Unit]] = ()) -> Masks:
     """Masks (True = pruned) pruning the lowest ``scores`` to overall ``sparsity``.
 
     Unstructured: ``allocation`` (any ALLOCATIONS entry: uniform, global, global_min, erk...)
@@ -92,9 +99,15 @@ def select_masks(scores: Mapping[str, Tensor], sparsity: float, *, allocation: s
     by the L2 norm of their scores; ``sparsity`` is then the fraction of channels (equal to the
     fraction of weights under uniform allocation). Masks only: physical removal of channels
     is :mod:`prunekit.structural`'s job.
+    ``units``: with ``channels``, groups of coupled units from the structural graph
+    (:func:`prunekit.structural.build_graph`): whole units are masked in every weight they
+    span (a conv's filter and the next layer's input channel), ``sparsity`` of each group,
+    so that :func:`prunekit.structural.remove_masked_units` can later remove them exactly.
     ``keep_pruned``: masks whose pruned positions must stay pruned (their scores are pushed
     below every other score), so gradual and iterative pruning only ever remove more.
     """
+    if channels and units:
+        return unit_masks(scores, sparsity, units, keep_pruned or {})
     flat = {n: as_2d(s.detach().float()) for n, s in scores.items()}  # each (out, in * kernel)
     pruned_before = {n: as_2d(m) for n, m in (keep_pruned or {}).items() if n in flat}
     if channels:
@@ -119,6 +132,29 @@ def select_masks(scores: Mapping[str, Tensor], sparsity: float, *, allocation: s
     group = "layer" if channels else (pattern.group or "layer")
     masks = {n: MaskSpec("unstructured", a, group).mask(s2) for (n, s2), a in zip(flat.items(), amounts)}
     return {n: m.expand(as_2d(scores[n]).shape).reshape(scores[n].shape) for n, m in masks.items()}
+
+
+def unit_masks(scores: Mapping[str, Tensor], sparsity: float, groups: Sequence[Sequence[Unit]],
+               keep_pruned: Mapping[str, Tensor]) -> Masks:
+    """Mask the lowest-scoring ``sparsity`` of each group's units (score: sum of squared
+    member scores over the masked weights); fully masked units stay masked."""
+    masks = {n: torch.zeros(s.shape, dtype=torch.bool, device=s.device) for n, s in scores.items()}
+    for units in groups:
+        value = torch.zeros(len(units))
+        done = torch.zeros(len(units), dtype=torch.bool)
+        for u, unit in enumerate(units):
+            inside = [m for m in unit if m.param in scores]
+            idx = [torch.tensor(m.index, device=scores[m.param].device) for m in inside]
+            value[u] = sum(float(scores[m.param].index_select(m.dim, i).float().pow(2).sum()) for m, i in zip(inside, idx))
+            old = [keep_pruned[m.param].index_select(m.dim, i) for m, i in zip(inside, idx) if m.param in keep_pruned]
+            done[u] = bool(old) and all(bool(o.all()) for o in old)
+        k = min(int(math.floor(sparsity * len(units) + 1e-9)), len(units) - 1)
+        value[done] = -1.0  # already removed: stays removed, ranked first
+        for u in torch.argsort(value, stable=True)[:k].tolist():
+            for m in units[u]:
+                if m.param in masks:
+                    masks[m.param].index_fill_(m.dim, torch.tensor(m.index, device=masks[m.param].device), True)
+    return masks
 
 
 def magnitudes(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -146,6 +182,6 @@ def overall_sparsity(masks: Mapping[str, Tensor]) -> float:
     return sum(int(m.sum()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
 
 
-__all__ = ["PruneContext", "TrainingSchedule", "Masks", "select_masks", "shuffle_masks", "check_target",
+__all__ = ["PruneContext", "TrainingSchedule", "Masks", "select_masks", "unit_masks", "shuffle_masks", "check_target",
            "check_pattern_target", "nm_keep", "realised_sparsity", "magnitudes", "random_scores",
            "overall_sparsity"]

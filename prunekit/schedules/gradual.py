@@ -86,4 +86,5 @@ class Gradual:
         if not self.is_event(step):
             return None
         return select_masks(magnitudes(ctx.weights), self.sparsity_at(step), allocation=self.allocation,
-                            pattern=self.pattern, keep_pruned=ctx.masks, channels=self.channels)
+                            pattern=self.pattern, keep_pruned=ctx.masks, channels=self.channels,
+                            units=ctx.units)

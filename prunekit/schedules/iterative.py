@@ -77,9 +77,10 @@ class LotteryTicket:
     """Holds the rewind point and the current masks of an IMP run over ``model``."""
 
     def __init__(self, model: nn.Module, config: Iterative, *,
-                 params: Mapping[str, nn.Parameter] | None = None) -> None:
+                 params: Mapping[str, nn.Parameter] | None = None, units: Any = ()) -> None:
         self.model = model
         self.config = config
+        self.units = [list(g.units) if hasattr(g, "units") else list(g) for g in units]  # for channels=True
         self.params = dict(params) if params is not None else prunable_parameters(model)
         self.round = 0
         self.masks: Masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in self.params.items()}
@@ -105,7 +106,7 @@ class LotteryTicket:
         check_target(target)
         self.masks = select_masks(magnitudes(self.params), target, allocation=self.config.allocation,
                                   pattern=self.config.pattern, keep_pruned=self.masks,
-                                  channels=self.config.channels)
+                                  channels=self.config.channels, units=self.units)
         self.rewind()
         return self.masks
 

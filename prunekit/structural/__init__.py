@@ -7,10 +7,10 @@
 from .config import StructureConfig
 from .graph import Graph, Group, Member, build_graph
 from .prune import StructureResult, count_params, prune_structure
-from .remove import mask_units, remove_units
+from .remove import mask_units, masked_units, remove_masked_units, remove_units
 from .scores import GROUP_SCORES
 
 __all__ = [
     "StructureConfig", "StructureResult", "prune_structure", "build_graph", "Graph", "Group", "Member",
-    "remove_units", "mask_units", "count_params", "GROUP_SCORES",
+    "remove_units", "mask_units", "remove_masked_units", "masked_units", "count_params", "GROUP_SCORES",
 ]

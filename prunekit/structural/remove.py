@@ -149,3 +149,21 @@ def _attention_sizes(m: nn.Module) -> dict[str, Any]:
 def _out_size(layer: nn.Module) -> int:
     w = layer.weight
     return w.shape[1] if type(layer).__name__ == "Conv1D" else w.shape[0]
+
+
+def masked_units(groups: Iterable[Any], masks: dict[str, Tensor]) -> list[tuple[Member, ...]]:
+    """Units whose every member slice inside ``masks`` (True = pruned) is masked."""
+    out = []
+    for g in groups:
+        for unit in getattr(g, "units", g):
+            inside = [m for m in unit if m.param in masks]
+            if inside and all(bool(masks[m.param].index_select(m.dim, torch.tensor(m.index)).all()) for m in inside):
+                out.append(unit)
+    return out
+
+
+def remove_masked_units(model: nn.Module, groups: Iterable[Any], masks: dict[str, Tensor]) -> dict[str, dict[str, Any]]:
+    """Physically remove the units a training-time mask switched off entirely (structured
+    masks from ``channels=True`` with ``units=``). Their consumers' weights are zero, so the
+    model's outputs do not change (exactly, except for groups marked ``inexact``)."""
+    return remove_units(model, masked_units(groups, masks))

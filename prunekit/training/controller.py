@@ -32,13 +32,16 @@ class SparsityController:
     tickets, pruning at initialisation, recovery after one-shot pruning).
 
     ``params``: the parameters to mask (default: every Linear/Conv weight not matching a
-    regular expression in ``ignore``). ``seed`` seeds the schedule's random draws.
+    regular expression in ``ignore``). ``seed`` seeds the schedule's random draws. ``units``:
+    structural groups (``build_graph(model, x).of_kind("channels")``) for schedules with
+    ``channels=True``: whole coupled units are masked, and
+    :func:`prunekit.structural.remove_masked_units` removes them exactly after training.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: TrainingSchedule | None = None, *, masks: Mapping[str, Tensor] | None = None,
                  params: Mapping[str, nn.Parameter] | None = None, ignore: Iterable[str] = (),
-                 seed: int = 0) -> None:
+                 seed: int = 0, units: Any = ()) -> None:
         self.model = model
         self.optimizer = optimizer
         self.schedule = schedule
@@ -46,6 +49,7 @@ class SparsityController:
         self.masker = Masker(self.params)
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
+        self.units = [list(g.units) if hasattr(g, "units") else list(g) for g in units]
         self.masker.attach(optimizer)  # raises OptimizerMismatchError first, before any change
         if masks is not None:
             self.masker.set_masks(masks)
@@ -54,7 +58,7 @@ class SparsityController:
             self.masker.capture_dense_grads = schedule.needs_dense_grads(1)
 
     def _context(self) -> PruneContext:
-        return PruneContext(self.params, self.masker.masks, self.generator, self.masker.dense_grads)
+        return PruneContext(self.params, self.masker.masks, self.generator, self.masker.dense_grads, self.units)
 
     def _install(self, masks: Mapping[str, Tensor] | None) -> None:
         if masks is None:
