@@ -235,6 +235,7 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
     from .patterns import PATTERNS
     from .reconstruct import RECONSTRUCTIONS
     from .scoring import SCORES
+    from .schedules.at_init import INIT_SCORES
     from .structural import GROUP_SCORES
     from .structural.experts import EXPERT_SCORES
     from .structural.layers import LAYER_SCORES
@@ -249,6 +250,7 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
         "structural_scores": GROUP_SCORES.names(),
         "layer_scores": LAYER_SCORES.names(),
         "expert_scores": EXPERT_SCORES.names(),
+        "init_scores": INIT_SCORES.names(),
     }
     if not args.json:
         for key, value in info.items():
