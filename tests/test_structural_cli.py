@@ -60,3 +60,19 @@ def test_override_flag(capsys, tiny_llama_dir, tmp_path):
     assert rep["latency_ms_before"] > 0 and rep["latency_ms_after"] > 0
     report = json.loads((tmp_path / "o" / "prunekit_report.json").read_text())
     assert [(g["name"], g["removed"]) for g in report["groups"]] == [("model.layers.0.mlp", 0), ("model.layers.1.mlp", 64)]
+
+
+def test_weight_pruning_on_top_of_a_non_uniform_structure(capsys, tiny_llama_dir, tmp_path):
+    """heads from layer 1 only (non-uniform), then Wanda 50%: the result still reloads."""
+    code, out, err = run(capsys, "prune", tiny_llama_dir, "--structure", "heads", "--ratio", "0.5", "--method", "l2",
+                         "--override", r"layers\.0\.=0", "--nsamples", 2, "--seqlen", 32,
+                         "--output", tmp_path / "s", "--json", "--quiet")
+    assert code == 0, err
+    code, out, err = run(capsys, "prune", tmp_path / "s", "--method", "wanda", "--sparsity", "0.5", "--nsamples", 2,
+                         "--seqlen", 32, "--output", tmp_path / "w", "--json", "--quiet")
+    assert code == 0, err
+    params = last_json(out)["params_total"]
+    code, out, err = run(capsys, "eval", tmp_path / "w", "--seqlen", 32, "--max-tokens", 128, "--json", "--quiet")
+    assert code == 0, err
+    ev = last_json(out)
+    assert ev["params_total"] == params and abs(ev["sparsity"] - 0.5) < 0.01

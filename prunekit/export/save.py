@@ -40,5 +40,8 @@ def save_pretrained(model: nn.Module, tokenizer: Any, path: str | Path, *, recip
             tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        structure = getattr(model, "prunekit_structure", None)
+        if structure is not None:  # a structurally pruned model: keep what rebuilds it
+            (tmp / "prunekit_structure.json").write_text(json.dumps(structure, indent=1) + "\n", encoding="utf-8")
 
     return write_dir_atomically(out, write, replace=True)

@@ -182,6 +182,7 @@ def load_structured(path: str | Path, model: nn.Module | None = None, dtype: tor
                              f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    model.prunekit_structure = record  # so a later save (e.g. weight pruning on top) keeps it
     return model.eval()
 
 
