@@ -106,9 +106,6 @@ class Tracer(TorchFunctionMode):
         (``1 + w.float()``): its facets are shared weights, not units of data."""
         return isinstance(t, Tensor) and id(t) not in self.data
 
-    def new_ids(self, shape: tuple[int, ...], dim: int) -> Tensor:
-        return fresh_like(shape, dim, self.trace.uf.new(shape[dim]))
-
     def where(self) -> str:
         return self.module_stack[-1] if self.module_stack else "<model>"
 
