@@ -44,8 +44,6 @@ def test_every_score_contract(method):
         assert g["removed"] == round(0.25 * before[g["name"]]), g
     assert a.record["shapes"] == b.record["shapes"]  # deterministic under the seed
     assert a.report["params_after"] < a.report["params_before"] and a.report["macs_after"] < a.report["macs_before"]
-    scores = GROUP_SCORES.get(method)
-    assert scores.structures  # every entry says where it applies
 
 
 def test_allocation_rules():

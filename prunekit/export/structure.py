@@ -20,7 +20,7 @@ from torch import nn
 
 from ..atomic import write_dir_atomically
 from ..errors import ModelLoadError
-from ..structural.remove import apply_attributes
+from ..structural.remove import apply_attributes, owner_of
 from .save import RECIPE_FILE, REPORT_FILE, check_output
 
 STRUCTURE_FILE = "prunekit_structure.json"
@@ -135,8 +135,7 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
 def resize_to(model: nn.Module, record: dict[str, Any]) -> None:
     """Give every tensor the recorded shape (uninitialised) and re-apply attribute changes."""
     for name, shape in record["shapes"].items():
-        owner, _, attr = name.rpartition(".")
-        module = model.get_submodule(owner) if owner else model
+        module, attr = owner_of(model, name)
         t = getattr(module, attr, None)
         if t is None and attr == "bias" and isinstance(module, nn.Linear):  # added by bias compensation
             module.bias = nn.Parameter(torch.empty(shape, dtype=module.weight.dtype))

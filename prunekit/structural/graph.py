@@ -176,15 +176,20 @@ def _inexact(trace: Trace, roots: np.ndarray) -> set[int]:
 def _kind(unit: tuple[Member, ...], modules: dict[str, nn.Module], heads: bool) -> Kind:
     if heads:
         return "heads"
-    owners = [modules.get(m.param.rpartition(".")[0]) for m in unit]
-    if any(isinstance(o, nn.Embedding) for o in owners) or any(
-        isinstance(o, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(o).__name__.lower() and not isinstance(
-            o, nn.modules.batchnorm._BatchNorm) for o in owners if o is not None
-    ):
+    owners = [o for m in unit if (o := modules.get(m.param.rpartition(".")[0])) is not None]
+    if any(isinstance(o, nn.Embedding) or _is_layer_norm(o) for o in owners):
         return "width"
     if any(isinstance(o, nn.modules.conv._ConvNd) for o in owners):
         return "channels"
     return "neurons"
+
+
+def _is_layer_norm(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm and their look-alikes (any '*Norm' but BatchNorm): they normalise
+    over the hidden width of a residual stream."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
 
 
 def _name(unit: tuple[Member, ...], order: dict[str, int], prefix: bool = True) -> str:

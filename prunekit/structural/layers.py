@@ -16,6 +16,7 @@ from ..errors import ConfigError, StructureError
 from ..models.decoder import find_blocks
 from ..registry import Registry
 from .data import run_hooked
+from .remove import owner_of
 from .select import half_up
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,7 @@ def remove_blocks(model: nn.Module, drop: list[int]) -> dict[str, Any]:
     the config (``num_hidden_layers``, ``layer_types``). Returns the config changes."""
     name, blocks = find_blocks(model)
     keep = [b for i, b in enumerate(blocks) if i not in set(drop)]
-    owner, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, attr, nn.ModuleList(keep))
+    setattr(*owner_of(model, name), nn.ModuleList(keep))
     for new_index, block in enumerate(keep):
         for m in block.modules():
             if isinstance(getattr(m, "layer_idx", None), int):

@@ -32,9 +32,14 @@ def drop_plan(units: Iterable[tuple[Member, ...]]) -> dict[tuple[str, int], set[
     return plan
 
 
-def _tensor(model: nn.Module, name: str) -> Tensor:
+def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding the dotted ``name`` (a tensor or a child) and the last part."""
     owner, _, attr = name.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
+    return (model.get_submodule(owner) if owner else model), attr
+
+
+def _tensor(model: nn.Module, name: str) -> Tensor:
+    module, attr = owner_of(model, name)
     return getattr(module, attr)
 
 

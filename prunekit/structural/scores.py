@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 from .data import FeatureMoments
 from .graph import Member
+from .remove import owner_of
 
 UNIT_STRUCTURES = frozenset({"channels", "neurons", "heads", "width"})
 
@@ -38,12 +39,11 @@ class ScoreContext:
         return name in self.params
 
     def tensor(self, name: str) -> Tensor:
-        owner, _, attr = name.rpartition(".")
-        return getattr(self.model.get_submodule(owner) if owner else self.model, attr).detach()
+        module, attr = owner_of(self.model, name)
+        return getattr(module, attr).detach()
 
     def module(self, name: str) -> nn.Module:
-        owner = name.rpartition(".")[0]
-        return self.model.get_submodule(owner) if owner else self.model
+        return owner_of(self.model, name)[0]
 
 
 UnitScore = Callable[[list[tuple[Member, ...]], ScoreContext], Tensor]

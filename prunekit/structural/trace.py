@@ -107,7 +107,7 @@ class Tracer(TorchFunctionMode):
         return isinstance(t, Tensor) and id(t) not in self.data
 
     def where(self) -> str:
-        return self.module_stack[-1] if self.module_stack else "<model>"
+        return (self.module_stack[-1] if self.module_stack else "") or "<model>"
 
     # --- the mode --------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -125,10 +125,12 @@ class Tracer(TorchFunctionMode):
         if rule is not None:
             rule(self, name, args, kwargs, out)
         elif any(self.of(t) for t in tensors_in(args, kwargs)) and has_tensor(out):
+            where = self.where()
+            fix = (f"treat the module as a black box with ignore=['^{where}$'] (CLI: --ignore)"
+                   if where != "<model>" else "move it into a submodule and treat that as a black box with ignore=")
             raise StructureError(
-                f"cannot trace op {name!r} (in module {self.where()!r}) on tensors that carry "
-                f"prunable channels; prunekit has no coupling rule for it. Treat the module as a "
-                f"black box with ignore=[{self.where()!r}] (CLI: --ignore), or register a rule in "
+                f"cannot trace op {name!r} (in module {where!r}) on tensors that carry prunable channels; "
+                f"prunekit has no coupling rule for it. To prune the rest, {fix}, or register a rule in "
                 "prunekit.structural.rules.RULES"
             )
         return out
