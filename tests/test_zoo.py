@@ -104,7 +104,7 @@ def test_forward_runs_with_fewer_heads(name):
 
 def test_smallcnn_runs_with_fewer_channels():
     model = SmallCNN(width=8).eval()
-    conv, bn = model.features[-4], model.features[-3]  # the last conv (16 -> 16) and its BN
+    conv = model.features[-4]  # the last conv (16 -> 16); its BN at [-3] is replaced below
     keep = torch.arange(0, 16, 2)
     new_conv = nn.Conv2d(conv.in_channels, len(keep), 3, padding=1, bias=False)
     new_conv.weight.data = conv.weight.data[keep].clone()
