@@ -63,7 +63,7 @@ def calibration_data(tokenizer: Any, text: str, config: PruneConfig) -> Tensor:
 
 
 def prune(model: nn.Module | str, config: PruneConfig | str | dict[str, Any] | None = None,
-          data: Tensor | str | None = None, *, tokenizer: Any = None, progress: bool = True) -> PruneResult:
+          data: Any = None, *, tokenizer: Any = None, progress: bool = True, device: Any = None) -> PruneResult:
     """Prune ``model`` in place and report.
 
     ``model``: an nn.Module (HF causal LM) or a MODEL spec string. ``config``: PruneConfig,
@@ -77,12 +77,14 @@ def prune(model: nn.Module | str, config: PruneConfig | str | dict[str, Any] | N
     if isinstance(data, str):
         data = calibration_data(tokenizer, data, cfg) if cfg.needs_data else None
     start = time.perf_counter()
-    amounts = prune_oneshot(model, cfg, data, progress=progress)
+    outcome = prune_oneshot(model, cfg, data, progress=progress, device=device)
     seconds = time.perf_counter() - start
     nm = (cfg.pattern.n, cfg.pattern.m) if cfg.pattern.kind == "nm" else None
     report = sparsity_report(model, nm=nm, ignore=cfg.target.ignore)
-    for name, amount in amounts.items():
+    for name, amount in outcome.amounts.items():
         report["layers"][name]["allocated"] = amount
+    if outcome.unreached:
+        report["unreached"] = outcome.unreached
     report.update(seconds=seconds, peak_rss_mb=peak_rss_mb(), method=cfg.method, pattern=str(cfg.pattern),
                   allocation=cfg.allocation.name, target_sparsity=cfg.sparsity)
     log.info("pruned to %.4f sparsity in %.1f s", report["sparsity"], seconds)

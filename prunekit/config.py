@@ -102,7 +102,9 @@ class Calibration:
     ``sequential``: ``"layer"`` prunes each layer just before it runs, from inputs produced by
     the already-pruned layers before it, in one pass per block ("true sequential");
     ``"block"`` takes every layer's statistics from the block before pruning and runs the
-    block twice (the order of the Wanda and SparseGPT reference code).
+    block twice (the order of the Wanda and SparseGPT reference code; less memory).
+    ``offload``: where block inputs wait between blocks: ``none`` (where blocks compute),
+    ``cpu`` (CPU memory while blocks run on an accelerator) or ``disk`` (memory-mapped files).
     """
 
     nsamples: int = 32
@@ -110,6 +112,7 @@ class Calibration:
     batch_size: int | None = 4
     seed: int = 0
     sequential: Literal["layer", "block"] = "layer"
+    offload: Literal["none", "cpu", "disk"] = "none"
 
     def __post_init__(self) -> None:
         for name in ("nsamples", "seqlen", "batch_size"):
@@ -117,6 +120,8 @@ class Calibration:
                 raise ConfigError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
         if self.sequential not in ("layer", "block"):
             raise ConfigError(f"unknown sequential order {self.sequential!r}; use 'layer' or 'block'")
+        if self.offload not in ("none", "cpu", "disk"):
+            raise ConfigError(f"unknown offload {self.offload!r}; use 'none', 'cpu' or 'disk'")
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,7 @@ class PruneConfig:
     target: Target = field(default_factory=Target)
     seed: int = 0
     method: str | None = None
+    unreached: Literal["magnitude", "dense"] = "magnitude"
 
     def __post_init__(self) -> None:
         # Imported here: the registries live in lower layers that must not import config.
@@ -171,6 +177,9 @@ class PruneConfig:
 
         SCORES.get(self.score)
         RECONSTRUCTIONS.get(self.reconstruction)
+        if self.unreached not in ("magnitude", "dense"):
+            raise ConfigError(f"unreached={self.unreached!r}: layers no calibration token reaches (unused MoE "
+                              "experts) are pruned by 'magnitude' or left 'dense'")
         ALLOCATIONS.get(self.allocation.name)
         if not isinstance(self.sparsity, (int, float)) or math.isnan(self.sparsity):
             raise ConfigError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")

@@ -1,14 +1,22 @@
-"""Choosing candidate layers: supported layer types, names, the ignore list; and the
-(out, in) weight view every score and pattern works on."""
+"""Choosing candidate weights: supported layer types, names, the ignore list; and the
+``(out, in)`` weight view every score and pattern works on.
+
+A :class:`Target` is one weight matrix that is pruned as its own problem: an ``nn.Linear``, a
+transformers ``Conv1D`` (a Linear stored as ``(in, out)``), or one expert's slice of a fused
+3-D expert tensor (transformers 5 MoE layers keep all experts in ``(experts, out, in)``
+parameters). Routers stay dense: they decide where tokens go, and they are tiny.
+"""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import Tensor, nn
 
 from .errors import UnsupportedModelError
+from .models.moe import ExpertsLayout, experts_layout, router_names
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -20,42 +28,91 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
-def weight_2d(module: nn.Module) -> Tensor:
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One prunable weight matrix. ``param`` names the parameter of ``module``; ``expert``
+    indexes a fused ``(experts, ...)`` parameter; ``transposed``: stored as ``(in, out)``."""
+
+    name: str
+    module: nn.Module
+    param: str = "weight"
+    expert: int | None = None
+    transposed: bool = False
+    channels_first: bool = False  # a convolution: input features on dim 1 (statistics only)
+
+    def weight(self) -> Tensor:
+        """The weight as an (out, in) view (writes through)."""
+        w = getattr(self.module, self.param).detach()
+        w = w[self.expert] if self.expert is not None else w
+        return w.t() if self.transposed else w
+
+    @torch.no_grad()
+    def set_weight(self, weight: Tensor) -> None:
+        """Write an (out, in) weight back, keeping the parameter's dtype and device."""
+        view = self.weight()
+        view.copy_(weight.to(device=view.device, dtype=view.dtype))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out_f, in_f = self.weight().shape
+        return int(out_f), int(in_f)
+
+
+def as_target(module: nn.Module | Target, name: str = "") -> Target:
+    if isinstance(module, Target):
+        return module
+    conv = isinstance(module, nn.modules.conv._ConvNd)
+    return Target(name, module, transposed=_is_conv1d(module), channels_first=conv)
+
+
+def weight_2d(module: nn.Module | Target) -> Tensor:
     """The layer's weight as an (out, in) view."""
-    weight = module.weight.detach()
-    return weight.t() if _is_conv1d(module) else weight
+    return as_target(module).weight()
 
 
-@torch.no_grad()
-def set_weight_2d(module: nn.Module, weight: Tensor) -> None:
+def set_weight_2d(module: nn.Module | Target, weight: Tensor) -> None:
     """Write an (out, in) weight back, keeping the parameter's dtype and device."""
-    weight_2d(module).copy_(weight.to(module.weight.dtype))
+    as_target(module).set_weight(weight)
 
 
 def _ignored(name: str, ignore: Iterable[str]) -> bool:
     return any(re.search(rx, name) for rx in ignore)
 
 
-def select_layers(root: nn.Module, prefix: str, ignore: tuple[str, ...]) -> dict[str, nn.Module]:
-    """Supported layers under ``root`` by full name, minus ignored ones.
+def _expert_targets(full: str, module: nn.Module, layout: ExpertsLayout) -> list[Target]:
+    """One target per expert and projection, in the order the experts run them."""
+    return [Target(f"{full}.{e}.{param}", module, param, e, layout.transposed)
+            for e in range(layout.count) for param in layout.params]
+
+
+def select_layers(root: nn.Module, prefix: str, ignore: tuple[str, ...]) -> dict[str, Target]:
+    """Prunable weights under ``root`` by full name, minus ignored ones, in module order.
 
     Raises if ``root`` holds a matrix-shaped parameter outside any supported layer that is
-    not ignored: pruning must never silently skip weights it cannot handle.
+    neither a router nor ignored: pruning must never silently skip weights it cannot handle.
     """
-    layers: dict[str, nn.Module] = {}
+    layers: dict[str, Target] = {}
     covered: set[int] = set()
+    routers = router_names(root)
     for name, module in root.named_modules():
         full = f"{prefix}.{name}" if name else prefix
-        if is_supported(module):
+        if name in routers:
+            covered.update(id(p) for p in module.parameters(recurse=False))
+            continue
+        layout = experts_layout(module)
+        if layout is not None:
+            covered.update(id(getattr(module, p)) for p in layout.params)
+            layers.update((t.name, t) for t in _expert_targets(full, module, layout) if not _ignored(t.name, ignore))
+        elif is_supported(module):
             covered.update(id(p) for p in module.parameters(recurse=False))
             if not _ignored(full, ignore):
-                layers[full] = module
+                layers[full] = as_target(module, full)
     for name, param in root.named_parameters():
         full = f"{prefix}.{name}"
         if param.dim() >= 2 and id(param) not in covered and not _ignored(full, ignore):
             raise UnsupportedModelError(
                 f"parameter {full} {tuple(param.shape)} belongs to a layer type prunekit cannot prune "
-                f"(supported: nn.Linear, transformers Conv1D); exclude it with --ignore "
+                f"(supported: nn.Linear, transformers Conv1D, fused MoE experts); exclude it with --ignore "
                 f"'{re.escape(full.rsplit('.', 1)[0])}' to leave it dense"
             )
     return layers

@@ -19,7 +19,7 @@ SPECS = [MaskSpec("unstructured", 0.5, "row"), MaskSpec("unstructured", 0.7, "la
 def make_problem(score: str, spec: MaskSpec, dtype=torch.float32, seed=0) -> GroupProblem:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(256, 32, generator=g)  # (tokens, in)
-    inputs = InputStats(32, hessian=True, device=x.device)
+    inputs = InputStats(32, gram=True, device=x.device)
     inputs.add(x)
     weight = torch.randn(24, 32, generator=g).to(dtype)  # (out, in)
     stats = LayerStats(input_norm=inputs.input_norm, generator=torch.Generator().manual_seed(seed))

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from conftest import FAMILIES, tiny_model
+from prunekit.calibration import CalibrationData
 from prunekit.calibration.capture import capture_block_inputs
 from prunekit.config import Calibration, PruneConfig, Target
 from prunekit.errors import CalibrationError, UnsupportedModelError
@@ -33,7 +34,7 @@ def test_replay_reproduces_block_outputs(family):
         model(input_ids=x, use_cache=False)
     for h in hooks:
         h.remove()
-    hiddens, calls = capture_block_inputs(model, blocks, x.split(2))
+    hiddens, calls = capture_block_inputs(model, blocks, CalibrationData.from_ids(x, 2))
     with torch.no_grad():
         for i, block in enumerate(blocks):
             hiddens = [calls[i][b].run(block, h) for b, h in enumerate(hiddens)]

@@ -310,8 +310,9 @@ def test_snip_scores_hand_computed():
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]]))
     x = torch.tensor([[1.0, 2.0, -1.0]])
-    scores = INIT_SCORES.get("snip").fn(lin, {"weight": lin.weight}, [(x, None)], lambda out, y: out.sum(),
-                                        torch.Generator())
+    from prunekit.calibration import CalibrationData
+    scores = INIT_SCORES.get("snip").fn(lin, {"weight": lin.weight}, CalibrationData.from_inputs(x),
+                                        lambda out, y: out.sum(), torch.Generator())
     assert torch.equal(scores["weight"], torch.tensor([[1.0, 4.0, 3.0], [0.5, 0.0, 1.0]]))
 
 

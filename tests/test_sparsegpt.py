@@ -16,7 +16,7 @@ def correlated_inputs(n=512, d=32, seed=0):
 
 
 def problem(w, x, spec, score="obs", blocksize=128, damp=0.01, segments=None):
-    stats = InputStats(x.shape[1], hessian=True, device=x.device)
+    stats = InputStats(x.shape[1], gram=True, device=x.device)
     stats.add(x)
     segs = segments or (Segment(0, w.shape[0], spec),)
     return GroupProblem(w.clone(), segs, SCORES.get(score), LayerStats(input_norm=stats.input_norm), stats,

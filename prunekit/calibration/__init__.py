@@ -1,5 +1,9 @@
-"""Calibration: text sampling, block-input capture, running statistics, the sequential runner."""
-from .runner import run_sequential
-from .stats import InputStats, StatGroup, StatsCollector
+"""Calibration: one data type, text sampling, block-input capture, running statistics, and
+the one sequential runner every capability calibrates with."""
+from .cache import HiddenCache
+from .data import Batch, CalibrationData, as_calibration
+from .runner import Observer, RunOptions, RunReport, run_sequential
+from .stats import InputStats
 
-__all__ = ["run_sequential", "InputStats", "StatGroup", "StatsCollector"]
+__all__ = ["CalibrationData", "Batch", "as_calibration", "run_sequential", "RunOptions", "RunReport", "Observer",
+           "InputStats", "HiddenCache"]

@@ -4,12 +4,13 @@ Per block, because models such as Gemma 2/3 give each layer type its own mask an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
+from .data import CalibrationData, move
 
 
 @dataclass
@@ -19,6 +20,9 @@ class BlockCall:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     hidden_as_kwarg: bool
+
+    def to(self, device: torch.device) -> BlockCall:
+        return BlockCall(move(self.args, device), move(self.kwargs, device), self.hidden_as_kwarg)
 
     def run(self, block: nn.Module, hidden: Tensor) -> Tensor:
         if self.hidden_as_kwarg:
@@ -33,11 +37,10 @@ class _StopCapture(Exception):
 
 
 @torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, batches: Sequence[Tensor]
-) -> tuple[list[Tensor], list[list[BlockCall]]]:
-    """Run the model's prologue on each batch of token ids (batch, seq) with every block
-    replaced by a recorder that passes hidden states through; stop at the last block.
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList,
+                         data: CalibrationData) -> tuple[list[Tensor], list[list[BlockCall]]]:
+    """Run the model's prologue on each calibration batch with every block replaced by a
+    recorder that passes hidden states through; stop at the last block.
 
     Returns the first block's inputs, one (batch, seq, hidden) tensor per batch, and
     ``calls[block][batch]``. Costs the embeddings only, not the blocks or the head.
@@ -49,6 +52,10 @@ def capture_block_inputs(
     def recorder(index: int):
         def forward(*args: Any, **kwargs: Any) -> Any:
             hidden_as_kwarg = not args
+            if hidden_as_kwarg and "hidden_states" not in kwargs:
+                raise UnsupportedModelError(
+                    f"block {index} was called without hidden states (positional or 'hidden_states='); "
+                    "the layer-by-layer runner cannot replay it")
             hidden = kwargs.pop("hidden_states") if hidden_as_kwarg else args[0]
             if index == 0:
                 hiddens.append(hidden.detach())
@@ -62,18 +69,24 @@ def capture_block_inputs(
     for i, block in enumerate(blocks):
         block.forward = recorder(i)
     try:
-        for ids in batches:
+        for batch in data:
             try:
-                model(input_ids=ids, use_cache=False)
+                data.forward(model, batch)
             except _StopCapture:
                 pass
+            except UnsupportedModelError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a model that cannot run with recorded blocks
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} cannot run with its blocks replayed one by one "
+                    f"({type(exc).__name__}: {exc})") from exc
     finally:
         for block in blocks:
             block.__dict__.pop("forward", None)
     for i, block_calls in enumerate(calls):
-        if len(block_calls) != len(batches):
+        if len(block_calls) != len(data):
             raise UnsupportedModelError(
-                f"block {i} of {len(blocks)} ran {len(block_calls)} times for {len(batches)} batches: "
+                f"block {i} of {len(blocks)} ran {len(block_calls)} times for {len(data)} batches: "
                 "the model does not call its blocks once each in order, which the layer-by-layer runner needs"
             )
     return hiddens, calls

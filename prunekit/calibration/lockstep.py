@@ -1,130 +1,122 @@
-"""Single-pass, layer-by-layer pruning of one block over batched calibration data.
+"""Single-pass, layer-by-layer pruning of one block over all calibration batches ("true
+sequential", as in SparseGPT): every target layer is pruned from the statistics of all the
+inputs that reach it, each produced by the already-pruned layers before it, and each batch
+runs the block once.
 
-Every target layer must be pruned from the statistics of *all* calibration tokens before any
-batch runs it, yet running all batches as one tensor costs memory and (on CPU) speed. So each
-batch's forward runs in its own thread, and the threads take turns holding a baton: a thread
-runs until the next target layer, leaves its input there, and hands the baton on. When the
-last batch arrives, the layer is pruned from all inputs, and the baton returns to the first.
-Only one thread computes at a time, so activation memory is one batch's temporaries plus the
-tensors each batch holds at the layer boundary, and each block runs once.
+Each batch's forward runs in its own *greenlet* (a coroutine on the one OS thread, so no
+locks, no per-thread allocator arenas, and Ctrl-C lands in whatever is computing). A batch
+runs until its next target layer and hands control back to a plain scheduler loop, which
+releases the earliest layer (in the block's order, see :mod:`.groups`) at which any batch is
+paused: it prunes that layer's group from the inputs of the batches paused there, then lets
+exactly those batches continue. A batch that never reaches a layer (tokens routed to other
+experts, a skipped branch) does not delay it: the layer is released once every batch is
+paused at or past it, and its statistics come from exactly the tokens that reached it.
+Every step either moves one batch strictly forward or finishes it, so the loop ends; a
+batch arriving at a layer that was already released (data-dependent order) is an error,
+never a wait.
+
+Memory: what every batch holds at its current layer (its live activations) plus one batch's
+temporaries; ``--sequential block`` trades a second pass for less.
 """
 from __future__ import annotations
 
-import threading
 from typing import Callable
 
-import torch
-from torch import Tensor, nn
+import greenlet
+from torch import Tensor
 
 from ..errors import UnsupportedModelError
-from .capture import BlockCall
+from ..targets import Target
+from .groups import InputGroups
 from .stats import InputStats
+from .watch import unwatch, watch
 
-#: visit(layer names sharing one input, that input's statistics)
+#: visit(names of layers sharing one input, that input's statistics)
 GroupVisitor = Callable[[list[str], InputStats], None]
+_DONE = object()
 
 
-class _Abort(BaseException):
-    """Unwinds the other threads' forwards when one of them failed."""
+def new_stats(x: Tensor, gram: bool, moments: bool) -> InputStats:
+    return InputStats(x.shape[-1], gram=gram, moments=moments, device=x.device)
 
 
 class Lockstep:
-    """Run ``block`` on every batch once, pruning each target layer (through ``visit``) just
-    before it first runs, from the inputs all batches bring to it."""
+    """Run every batch's ``step`` (one forward) once, pruning each group of target layers
+    (through ``visit``) just before it first runs, from the inputs all batches bring to it."""
 
-    def __init__(self, block: nn.Module, calls: list[BlockCall], layers: dict[str, nn.Module], *,
-                 hessian: bool, visit: GroupVisitor, where: str) -> None:
-        self.block, self.calls, self.layers = block, calls, layers
-        self.hessian, self.visit, self.where = hessian, visit, where
-        self.seen: set[str] = set()
-        self._cv = threading.Condition()
-        self._local = threading.local()
-        self._turn = 0
-        self._error: BaseException | None = None
-        self._arrived: list[Tensor] = []
-        self._expected = ""
-        self._last: tuple[list[Tensor], InputStats] | None = None
+    def __init__(self, targets: dict[str, Target], groups: InputGroups, visit: GroupVisitor, *,
+                 gram: bool, where: str) -> None:
+        self.targets, self.groups, self.visit, self.gram, self.where = targets, groups, visit, gram, where
+        self.released: set[str] = set()
+        self._pending: dict[str, InputStats] = {}
+        self._window: dict[greenlet.greenlet, int] = {}
+        self._main: greenlet.greenlet | None = None
 
-    # -- the baton ---------------------------------------------------------------------
-    def _wait_turn(self, t: int) -> None:
-        self._cv.wait_for(lambda: self._turn == t or self._error is not None)
-        if self._error is not None:
-            raise _Abort
+    def _arrive(self, name: str, x: Tensor) -> None:
+        b = self._window.get(greenlet.getcurrent())
+        if b is None:  # not inside one of our batches: nothing to wait for
+            return
+        leader, is_leader = self.groups.arrive(name, x, b, defining=False)
+        if leader in self.released:
+            if is_leader:
+                raise UnsupportedModelError(
+                    f"batch {b} of {self.where} reached {name} after it was pruned from the other batches: "
+                    "this block runs its layers in a data-dependent order; use --sequential block")
+            return
+        if not is_leader:
+            return  # its leader paused this batch already; the group is released together
+        stats = self._pending.get(leader)
+        if stats is None:
+            stats = self._pending[leader] = new_stats(x, self.gram, False)
+        stats.add(x)
+        assert self._main is not None
+        self._main.switch(leader)
 
-    def _pass(self, t: int) -> None:
-        self._turn = (t + 1) % len(self.calls)
-        self._cv.notify_all()
+    def _work(self, b: int, step: Callable[[], None]) -> object:
+        step()
+        self.groups.end_batch(b)
+        return _DONE
 
-    def _fail(self, exc: BaseException) -> None:
-        with self._cv:
-            if self._error is None:
-                self._error = exc
-            self._cv.notify_all()
-
-    # -- the barrier at each target layer -------------------------------------------------
-    def _stats(self, name: str, inputs: list[Tensor]) -> InputStats:
-        last = self._last
-        if last is not None and len(last[0]) == len(inputs) and all(a is b for a, b in zip(last[0], inputs)):
-            return last[1]  # same tensors as the previous layer (q/k/v, gate/up): reuse
-        self._last = None
-        stats = InputStats(inputs[0].shape[-1], self.hessian, inputs[0].device)
-        for x in inputs:
-            stats.add(x.detach())
-        stats.check_finite(f"{name} (block {self.where})")
-        self._last = (inputs, stats)
-        return stats
-
-    def _hook(self, name: str):
-        def pre_hook(module: nn.Module, args: tuple) -> None:
-            t = self._local.index
-            with self._cv:
-                if t == 0:
-                    self._expected, self._arrived = name, []
-                elif name != self._expected:
-                    raise UnsupportedModelError(
-                        f"batches of block {self.where} reached {name} and {self._expected} in different orders; "
-                        "run with --sequential block"
-                    )
-                self._arrived.append(args[0])
-                if t == len(self.calls) - 1:
-                    if name not in self.seen:
-                        self.visit([name], self._stats(name, self._arrived))
-                        self.seen.add(name)
-                    self._arrived = []
-                self._pass(t)
-                self._wait_turn(t)
-
-        return pre_hook
-
-    def _worker(self, t: int, hidden: Tensor, outs: list[Tensor | None]) -> None:
-        self._local.index = t
+    def run(self, steps: list[Callable[[], None]]) -> list[str]:
+        """Run ``steps`` (one per batch); returns the target layers no batch reached (unpruned)."""
+        self._main = greenlet.getcurrent()
+        workers = {b: greenlet.greenlet(lambda b=b, s=s: self._work(b, s), parent=self._main)
+                   for b, s in enumerate(steps)}
+        for b, g in workers.items():
+            self._window[g] = b
+        handles = watch(self.targets, self._arrive)
         try:
-            with self._cv:
-                self._wait_turn(t)
-            with torch.no_grad():  # grad mode is per thread
-                outs[t] = self.calls[t].run(self.block, hidden)
-            with self._cv:
-                self._pass(t)
-        except _Abort:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-            self._fail(exc)
-
-    def run(self, hiddens: list[Tensor]) -> list[Tensor]:
-        """Block outputs for each batch of ``hiddens``; target layers are pruned on the way."""
-        outs: list[Tensor | None] = [None] * len(hiddens)
-        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
-        try:
-            threads = [threading.Thread(target=self._worker, args=(t, h, outs), daemon=True)
-                       for t, h in enumerate(hiddens)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
+            state = {b: g.switch() for b, g in workers.items()}
+            while True:
+                paused = {b: s for b, s in state.items() if s is not _DONE}
+                if not paused:
+                    break
+                leader = min(set(paused.values()), key=self.groups.rank)
+                stats = self._pending.pop(leader)
+                names = self.groups.members[leader]
+                stats.check_finite(f"{names[0]} (block {self.where})")
+                self.visit(list(names), stats)
+                self.released.add(leader)
+                del stats
+                for b in [b for b, s in paused.items() if s == leader]:
+                    state[b] = workers[b].switch()
         finally:
-            for handle in handles:
-                handle.remove()
-            self._arrived, self._last = [], None
-        if self._error is not None:
-            raise self._error
-        return outs  # type: ignore[return-value]
+            unwatch(handles)
+            for g in workers.values():
+                if not g.dead:
+                    g.throw(greenlet.GreenletExit)  # unwind a paused forward
+            self._window.clear()
+            self._pending.clear()
+        reached = {n for lead in self.released for n in self.groups.members[lead]}
+        return [n for n in self.targets if n not in reached]
+
+
+def probe(step: Callable[[], None], targets: dict[str, Target], groups: InputGroups) -> None:
+    """Run one batch's forward (through the unmodified block) to learn its groups and order;
+    the step must not keep the output."""
+    handles = watch(targets, lambda name, x: groups.arrive(name, x, -1, defining=True))
+    try:
+        step()
+    finally:
+        unwatch(handles)
+        groups.end_batch(-1)

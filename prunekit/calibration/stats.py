@@ -1,10 +1,15 @@
-"""Running statistics of layer inputs, accumulated in float32 whatever the model dtype."""
+"""Running statistics of layer inputs, created on the device of the inputs they summarise.
+
+Inputs of any dtype are read in float32. Sums of squares and Gram matrices accumulate in
+float32 (as in the Wanda and SparseGPT reference code); feature means and variances merge
+per batch in float64 with Chan et al.'s pairwise update ("Updating Formulae and a Pairwise
+Algorithm for Computing Sample Variances", 1979), so a feature with mean 3000 and standard
+deviation 1 keeps its variance: the naive ``E[x^2] - E[x]^2`` cancels it away in float32.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import CalibrationError
 
@@ -16,7 +21,7 @@ def add_gram(gram: Tensor, x: Tensor, part: int = 384) -> None:
     n = x.shape[1]
     p = max(1, round(n / part))
     if p == 1:
-        gram += x.t() @ x
+        gram.addmm_(x.t(), x)
         return
     bounds = [n * i // p for i in range(p + 1)]
     cols = [x[:, bounds[i] : bounds[i + 1]] for i in range(p)]
@@ -30,24 +35,75 @@ def add_gram(gram: Tensor, x: Tensor, part: int = 384) -> None:
                 gram[c, r] += block.t()
 
 
-class InputStats:
-    """Sum of squares per input feature, or the full Gram matrix X^T X when a Hessian is needed
-    (its diagonal gives the squares for free)."""
+def column_squares(x: Tensor) -> Tensor:
+    """(in,) sum over tokens of x**2 for x (tokens, in), as one matrix-vector product
+    (reducing over the strided token dim directly is several times slower on CPUs)."""
+    return torch.ones(x.shape[0], dtype=x.dtype, device=x.device) @ (x * x)
 
-    def __init__(self, dim: int, hessian: bool, device: torch.device) -> None:
+
+class InputStats:
+    """Statistics of one input feature dimension ``dim`` over all calibration tokens.
+
+    Always the sum of squares (Wanda's ``||x_j||``); with ``gram`` the full ``X^T X`` (its
+    diagonal is the sum of squares); with ``moments`` the float64 mean and centred second
+    moment of every feature (FLAP's fluctuation, bias compensation).
+    """
+
+    def __init__(self, dim: int, *, gram: bool = False, moments: bool = False,
+                 device: torch.device | str | None = None) -> None:
         self.dim = dim
         self.tokens = 0
-        self.gram = torch.zeros(dim, dim, device=device) if hessian else None  # (in, in)
-        self.sq = None if hessian else torch.zeros(dim, device=device)  # (in,)
+        self.gram = torch.zeros(dim, dim, device=device) if gram else None  # (in, in)
+        self.sq = None if gram else torch.zeros(dim, device=device)  # (in,)
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device) if moments else None  # (in,)
+        self.m2 = torch.zeros(dim, dtype=torch.float64, device=device) if moments else None  # (in,)
         self._factor: tuple[float, Tensor, Tensor] | None = None
 
-    def add(self, x: Tensor) -> None:
+    @classmethod
+    def like(cls, other: InputStats) -> InputStats:
+        """Empty statistics of the same kind and place as ``other``."""
+        device = (other.gram if other.gram is not None else other.sq).device
+        return cls(other.dim, gram=other.gram is not None, moments=other.mean is not None, device=device)
+
+    def add(self, x: Tensor, channels_first: bool = False) -> None:
+        """Accumulate ``x`` (..., in), or (B, in, *spatial) with ``channels_first`` (convolutions)."""
+        x = x.detach()
+        if channels_first and x.dim() > 2:
+            x = x.movedim(1, -1)
         x = x.reshape(-1, self.dim).float()  # (tokens, in)
-        self.tokens += x.shape[0]
+        n = x.shape[0]
+        if n == 0:
+            return
         if self.gram is not None:
             add_gram(self.gram, x)
         else:
-            self.sq.add_(torch.linalg.vector_norm(x, dim=0).square())  # no (tokens, in) temporary
+            self.sq += column_squares(x)
+        if self.mean is not None:
+            batch_mean = x.mean(0)  # (in,) float32, pairwise summation
+            centred = x - batch_mean
+            self._merge(n, batch_mean.double() + centred.mean(0).double(), column_squares(centred).double())
+        self.tokens += n
+        self._factor = None
+
+    def _merge(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
+        n_a = self.tokens
+        total = n_a + n_b
+        delta = mean_b - self.mean  # (in,) float64
+        self.mean += delta * (n_b / total)
+        self.m2 += m2_b + delta.square() * (n_a * n_b / total)
+
+    def merge(self, other: InputStats) -> None:
+        """Add another accumulator of the same kind (e.g. another process's)."""
+        if other.tokens == 0:
+            return
+        if self.gram is not None:
+            self.gram += other.gram
+        else:
+            self.sq += other.sq
+        if self.mean is not None:
+            self._merge(other.tokens, other.mean, other.m2)
+        self.tokens += other.tokens
+        self._factor = None
 
     def _squares(self) -> Tensor:
         return self.gram.diagonal() if self.gram is not None else self.sq
@@ -56,13 +112,20 @@ class InputStats:
         if not torch.isfinite(self._squares()).all():
             raise CalibrationError(
                 f"NaN/Inf activations reach {where}: the model overflows on the calibration data; "
-                "load it in float32 (the default) or check its weights"
+                "load it in float32 (--dtype float32) or check its weights"
             )
 
     @property
     def input_norm(self) -> Tensor:
-        """(in,) L2 norm of each input feature over all tokens."""
+        """(in,) L2 norm of each input feature over all tokens (float32)."""
         return self._squares().clamp_min(0).sqrt()
+
+    @property
+    def variance(self) -> Tensor:
+        """(in,) sample variance of each feature (float64)."""
+        if self.m2 is None:
+            raise CalibrationError("a variance was asked of statistics collected without moments")
+        return self.m2 / max(self.tokens - 1, 1)
 
     @property
     def hessian(self) -> Tensor | None:
@@ -79,65 +142,3 @@ class InputStats:
         if self._factor is None or self._factor[0] != damp:
             self._factor = (damp, *inverse_cholesky_upper(self.hessian, damp))
         return self._factor[1], self._factor[2]
-
-
-class _StopBlock(Exception):
-    """Raised to skip the rest of a block once every hooked layer has seen its input."""
-
-
-@dataclass
-class StatGroup:
-    """Layers that read the very same input tensor, and that input's statistics."""
-
-    names: list[str]
-    stats: InputStats
-
-
-@dataclass
-class StatsCollector:
-    """Forward pre-hooks on a block's target layers. Layers fed the same tensor object (q/k/v,
-    gate/up) share one ``InputStats``, so each statistic is computed once per distinct input.
-    With ``stop_early``, later batches stop the block right after the last hooked layer."""
-
-    layers: dict[str, nn.Module]
-    hessian: bool
-    stop_early: bool = True
-    groups: list[StatGroup] = field(default_factory=list)
-    _leader: dict[str, int] = field(default_factory=dict)
-    _order: list[str] = field(default_factory=list)
-    _seen: list[tuple[Tensor, int]] = field(default_factory=list)
-    _batches: int = 0
-    _calls: int = 0
-
-    def _hook(self, name: str):
-        def pre_hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if self._batches == 0:
-                self._order.append(name)
-                shared = next((g for t, g in self._seen if t is x), None)
-                if shared is not None:
-                    self.groups[shared].names.append(name)
-                    return
-                self.groups.append(StatGroup([name], InputStats(x.shape[-1], self.hessian, x.device)))
-                self._leader[name] = len(self.groups) - 1
-                self._seen.append((x, len(self.groups) - 1))
-            if name in self._leader:
-                self.groups[self._leader[name]].stats.add(x.detach())
-            self._calls += 1
-            if self.stop_early and self._batches > 0 and self._calls == len(self._order):
-                raise _StopBlock
-
-        return pre_hook
-
-    def __enter__(self) -> StatsCollector:
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
-        return self
-
-    def end_batch(self) -> None:
-        self._batches += 1
-        self._calls = 0
-        self._seen.clear()  # drop references to the first batch's activations
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()

@@ -7,17 +7,23 @@ from torch import nn
 from ..errors import UnsupportedModelError
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList holding most of the model's parameters, and its qualified name."""
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The ModuleList holding most of the model's parameters and its qualified name, or None."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             size = sum(p.numel() for p in module.parameters())
             if best is None or size > best[0]:
                 best = (size, name, module)
-    if best is None or best[0] == 0:
+    return None if best is None or best[0] == 0 else (best[1], best[2])
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding most of the model's parameters, and its qualified name."""
+    found = block_list(model)
+    if found is None:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no nn.ModuleList of blocks; prunekit's layer-by-layer "
             "runner needs the transformer blocks in one ModuleList (e.g. model.model.layers)"
         )
-    return best[1], best[2]
+    return found

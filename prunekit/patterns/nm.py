@@ -21,7 +21,7 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     out_f, in_f = scores.shape
     check_nm_shape(in_f, m)
     groups = scores.reshape(out_f, in_f // m, m)  # (out, in/m, m)
-    idx = torch.topk(groups, m - n, dim=2, largest=False).indices  # (out, in/m, m-n)
+    idx = torch.topk(groups, m - n, dim=2, largest=False, sorted=False).indices  # (out, in/m, m-n)
     pruned = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
     return pruned.view(out_f, in_f)
 

@@ -14,7 +14,7 @@ def lowest_per_row(scores: Tensor, k: int) -> Tensor:
     """Mask (True = prune) of the ``k`` lowest scores of every row of ``scores`` (out, in)."""
     pruned = torch.zeros_like(scores, dtype=torch.bool)  # (out, in)
     if k > 0:
-        idx = torch.topk(scores, k, dim=1, largest=False).indices  # (out, k)
+        idx = torch.topk(scores, k, dim=1, largest=False, sorted=False).indices  # (out, k), any order
         pruned.scatter_(1, idx, True)
     return pruned
 
@@ -23,7 +23,7 @@ def lowest_overall(scores: Tensor, k: int) -> Tensor:
     """Mask (True = prune) of the ``k`` lowest scores of the whole tensor."""
     flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
-        idx = torch.topk(scores.reshape(-1), k, largest=False).indices  # (k,)
+        idx = torch.topk(scores.reshape(-1), k, largest=False, sorted=False).indices  # (k,)
         flat[idx] = True
     return flat.view(scores.shape)
 

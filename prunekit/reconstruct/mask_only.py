@@ -9,8 +9,8 @@ from torch import Tensor
 from .base import RECONSTRUCTIONS, GroupProblem
 
 
-@RECONSTRUCTIONS.register("none")
-def mask_only(problem: GroupProblem) -> tuple[Tensor, Tensor]:
+def choose_masks(problem: GroupProblem) -> Tensor:
+    """(out, in) bool mask, True = prune: each segment's pattern applied to its scores."""
     stats = problem.stats
     if "hessian" in problem.score.needs:
         upper, _ = problem.inverse_factor()  # U^T U = H^-1: [H^-1]_jj is column j's squared norm
@@ -20,4 +20,10 @@ def mask_only(problem: GroupProblem) -> tuple[Tensor, Tensor]:
     for seg in problem.segments:
         rows = weight[seg.start : seg.stop]
         pruned[seg.start : seg.stop] = seg.spec.mask(problem.score(rows, stats))
-    return weight.masked_fill(pruned, 0.0), pruned
+    return pruned
+
+
+@RECONSTRUCTIONS.register("none")
+def mask_only(problem: GroupProblem) -> tuple[Tensor, Tensor]:
+    pruned = choose_masks(problem)
+    return problem.weight.masked_fill(pruned, 0.0), pruned

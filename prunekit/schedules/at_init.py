@@ -2,7 +2,8 @@
 
 Scores here need whole-model gradients, so they are not ``(weight, stats)`` functions of
 :mod:`prunekit.scoring`; they live in their own registry, ``INIT_SCORES``, each a function
-``(model, params, batches, loss_fn, generator) -> {name: scores}`` (higher = keep):
+``(model, params, data, criterion, generator) -> {name: scores}`` (higher = keep), where
+``data`` is the :class:`~prunekit.calibration.CalibrationData` every capability shares:
 
 - ``snip``: |θ ⊙ ∂L/∂θ| (Lee et al. 2019, "SNIP: Single-shot Network Pruning based on
   Connection Sensitivity").
@@ -23,21 +24,24 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..calibration import CalibrationData, as_calibration
+from ..calibration.gradients import loss_gradients
 from ..config import Pattern
 from ..errors import DataError, ScheduleError
 from ..masking import prunable_parameters
 from ..registry import Registry
 from .base import Masks, check_pattern_target, check_target, random_scores, select_masks, shuffle_masks
 
-Batches = Sequence[tuple[Tensor, Tensor]]
+#: criterion(outputs, targets) -> scalar loss
 LossFn = Callable[[Tensor, Tensor], Tensor]
-InitScoreFn = Callable[[nn.Module, Mapping[str, nn.Parameter], Batches, LossFn, torch.Generator], dict[str, Tensor]]
+InitScoreFn = Callable[[nn.Module, Mapping[str, nn.Parameter], CalibrationData, LossFn, torch.Generator],
+                       dict[str, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -63,31 +67,30 @@ def register_init_score(name: str, *, needs: Literal["data", "input", "nothing"]
     return add
 
 
-def _accumulate_grads(model: nn.Module, params: Mapping[str, nn.Parameter], batches: Batches,
-                      loss_fn: LossFn, scale: float = 1.0) -> dict[str, Tensor]:
-    grads = {n: torch.zeros_like(p) for n, p in params.items()}
-    for x, y in batches:
-        loss = loss_fn(model(x) / scale, y)
-        for n, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
-            if g is not None:
-                grads[n] += g.detach()
-    return grads
+def _with_criterion(data: CalibrationData, criterion: LossFn, scale: float = 1.0) -> CalibrationData:
+    """``data`` whose loss is ``criterion(model(inputs) / scale, labels)``."""
+    def loss(model: nn.Module, batch) -> Tensor:
+        b = data.prepared(model, batch)
+        return criterion(model(*b.args, **b.kwargs) / scale, b.target)
+
+    return data.with_loss(loss)
 
 
 @register_init_score("snip", needs="data")
-def snip(model: nn.Module, params: Mapping[str, nn.Parameter], batches: Batches, loss_fn: LossFn,
-        generator: torch.Generator) -> dict[str, Tensor]:
-    grads = _accumulate_grads(model, params, batches, loss_fn)
+def snip(model: nn.Module, params: Mapping[str, nn.Parameter], data: CalibrationData, loss_fn: LossFn,
+         generator: torch.Generator) -> dict[str, Tensor]:
+    grads = loss_gradients(model, _with_criterion(data, loss_fn), params)
     return {n: (p.detach() * grads[n]).abs() for n, p in params.items()}
 
 
 @register_init_score("grasp", needs="data")
-def grasp(model: nn.Module, params: Mapping[str, nn.Parameter], batches: Batches, loss_fn: LossFn,
+def grasp(model: nn.Module, params: Mapping[str, nn.Parameter], data: CalibrationData, loss_fn: LossFn,
           generator: torch.Generator, temperature: float = 200.0) -> dict[str, Tensor]:
-    g = _accumulate_grads(model, params, batches, loss_fn, scale=temperature)  # g, held fixed
+    scaled = _with_criterion(data, loss_fn, temperature)
+    g = loss_gradients(model, scaled, params)  # g, held fixed
     hg = {n: torch.zeros_like(p) for n, p in params.items()}
-    for x, y in batches:
-        loss = loss_fn(model(x) / temperature, y)
+    for batch in data:
+        loss = scaled.loss(model, batch)
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
         z = sum((gi * g[n]).sum() for n, gi in zip(params, grads) if gi is not None)
         for n, h in zip(params, torch.autograd.grad(z, list(params.values()), allow_unused=True)):
@@ -97,11 +100,11 @@ def grasp(model: nn.Module, params: Mapping[str, nn.Parameter], batches: Batches
 
 
 @register_init_score("synflow", needs="input", iterative=True)
-def synflow(model: nn.Module, params: Mapping[str, nn.Parameter], batches: Batches, loss_fn: LossFn,
-        generator: torch.Generator) -> dict[str, Tensor]:
+def synflow(model: nn.Module, params: Mapping[str, nn.Parameter], data: CalibrationData, loss_fn: LossFn,
+            generator: torch.Generator) -> dict[str, Tensor]:
     # Runs on a float64 copy with |θ| (linearised network): R = 1^T (prod_l |W_l|) 1 overflows
     # float32 quickly in deep nets. BatchNorm in eval mode, as in the reference code.
-    x0 = batches[0][0]
+    x0 = data.batches[0].args[0]
     lin = copy.deepcopy(model).double().eval()
     with torch.no_grad():
         for p in lin.parameters():
@@ -114,14 +117,14 @@ def synflow(model: nn.Module, params: Mapping[str, nn.Parameter], batches: Batch
 
 
 @register_init_score("magnitude", needs="nothing")
-def magnitude(model: nn.Module, params: Mapping[str, nn.Parameter], batches: Batches, loss_fn: LossFn,
-        generator: torch.Generator) -> dict[str, Tensor]:
+def magnitude(model: nn.Module, params: Mapping[str, nn.Parameter], data: CalibrationData | None,
+              loss_fn: LossFn, generator: torch.Generator) -> dict[str, Tensor]:
     return {n: p.detach().abs() for n, p in params.items()}
 
 
 @register_init_score("random", needs="nothing", default_allocation="uniform")
-def random(model: nn.Module, params: Mapping[str, nn.Parameter], batches: Batches, loss_fn: LossFn,
-        generator: torch.Generator) -> dict[str, Tensor]:
+def random(model: nn.Module, params: Mapping[str, nn.Parameter], data: CalibrationData | None,
+           loss_fn: LossFn, generator: torch.Generator) -> dict[str, Tensor]:
     return random_scores(params, generator)
 
 
@@ -152,18 +155,20 @@ class AtInit:
         return 1.0 - (1.0 - self.sparsity) ** (k / self.iterations)
 
 
-def prune_at_init(model: nn.Module, config: AtInit, batches: Iterable[tuple[Tensor, Tensor]] | None = None,
-                  *, loss_fn: LossFn = F.cross_entropy,
+def prune_at_init(model: nn.Module, config: AtInit, batches: Any = None, *, loss_fn: LossFn = F.cross_entropy,
                   params: Mapping[str, nn.Parameter] | None = None) -> Masks:
     """Masks (True = pruned) for ``model``'s prunable weights; the model is left unchanged
-    (pass the masks to a :class:`~prunekit.training.SparsityController`). ``batches``:
-    ``(inputs, targets)`` pairs; SynFlow only reads the first input's shape."""
+    (pass the masks to a :class:`~prunekit.training.SparsityController`). ``batches``: a
+    :class:`~prunekit.calibration.CalibrationData`, a list of ``(inputs, targets)`` pairs, or
+    an ``(inputs, targets)`` tuple; SynFlow only reads the first input's shape."""
     score = INIT_SCORES.get(config.method)
     params = dict(params) if params is not None else prunable_parameters(model)
-    batches = list(batches) if batches is not None else []
-    if score.needs != "nothing" and not batches:
+    data = None if batches is None or (isinstance(batches, list) and not batches) else as_calibration(batches)
+    if score.needs != "nothing" and data is None:
         raise DataError(f"{config.method!r} needs at least one (inputs, targets) batch"
                         + (" (only for the input shape)" if score.needs == "input" else ""))
+    if score.needs == "data" and data.kind != "pairs":
+        raise DataError(f"{config.method!r} needs labelled (inputs, targets) batches, got {data.kind} data")
     allocation = config.allocation or score.default_allocation
     generator = torch.Generator().manual_seed(config.seed)
     work = copy.deepcopy(model)  # scoring may zero weights (iterative) or change modes
@@ -173,7 +178,7 @@ def prune_at_init(model: nn.Module, config: AtInit, batches: Iterable[tuple[Tens
     masks: Masks | None = None
     for k in range(1, rounds + 1):
         target = config.sparsity_at_iteration(k) if score.iterative else config.sparsity
-        scores = score.fn(work, work_params, batches, loss_fn, generator)
+        scores = score.fn(work, work_params, data, loss_fn, generator)
         masks = select_masks(scores, target, allocation=allocation, pattern=config.pattern, keep_pruned=masks)
         with torch.no_grad():
             for n, p in work_params.items():

@@ -2,21 +2,27 @@
 (with calibration statistics when the score, reconstruction or allocation needs them)."""
 from __future__ import annotations
 
+import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..allocation import ALLOCATIONS, LayerRef
-from ..calibration import InputStats, run_sequential
+from ..calibration import CalibrationData, InputStats, RunOptions, as_calibration, run_sequential
 from ..config import PruneConfig
 from ..errors import DataError, UnsupportedModelError
 from ..models import find_blocks
 from ..patterns import MaskSpec, check_nm_shape
 from ..reconstruct import RECONSTRUCTIONS, GroupProblem, Segment
+from ..reconstruct.mask_only import choose_masks
 from ..scoring import SCORES, LayerStats, Score
-from ..targets import select_layers, set_weight_2d, weight_2d
+from ..targets import Target, select_layers
+
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Plan:
@@ -24,13 +30,13 @@ class Plan:
 
     blocks_name: str
     blocks: nn.ModuleList
-    layers: list[dict[str, nn.Module]]
+    layers: list[dict[str, Target]]
     config: PruneConfig
     score: Score
 
     @property
-    def all_layers(self) -> dict[str, nn.Module]:
-        return {n: m for block in self.layers for n, m in block.items()}
+    def all_layers(self) -> dict[str, Target]:
+        return {n: t for block in self.layers for n, t in block.items()}
 
     def block_of(self, name: str) -> int:
         return next(i for i, block in enumerate(self.layers) if name in block)
@@ -44,94 +50,128 @@ class Plan:
         return MaskSpec(p.kind, amount, p.group or self.score.default_group, p.n, p.m)
 
 
+@dataclass
+class OneShotOutcome:
+    """Per-layer amounts allocated, and the layers no calibration token reached (with what
+    was done to them)."""
+
+    amounts: dict[str, float]
+    unreached: dict[str, str] = field(default_factory=dict)
+
+
 def make_plan(model: nn.Module, config: PruneConfig) -> Plan:
     """Locate blocks and candidate layers; check the pattern fits every layer before any change."""
     blocks_name, blocks = find_blocks(model)
     layers = [select_layers(b, f"{blocks_name}.{i}", config.target.ignore) for i, b in enumerate(blocks)]
     if not any(layers):
         raise UnsupportedModelError(
-            f"no prunable layers (nn.Linear or Conv1D) inside {blocks_name}; check --ignore or the model type"
+            f"no prunable layers (nn.Linear, Conv1D or fused experts) inside {blocks_name}; check --ignore or the model"
         )
     if config.pattern.kind == "nm":
         for block in layers:
-            for name, module in block.items():
-                check_nm_shape(weight_2d(module).shape[1], config.pattern.m, name)
+            for name, target in block.items():
+                check_nm_shape(target.shape[1], config.pattern.m, name)
     return Plan(blocks_name, blocks, layers, config, SCORES.get(config.score))
 
 
-def _calibration_ids(data: Tensor | None, config: PruneConfig, why: str) -> Tensor:
+def _calibration(data: Any, config: PruneConfig, why: str) -> CalibrationData:
     if data is None:
         raise DataError(f"{why} needs calibration data; pass token ids (nsamples, seqlen) or --calib TEXT")
-    if data.dim() != 2 or data.shape[0] == 0 or data.shape[1] < 2:
-        raise DataError(f"calibration data must be token ids of shape (nsamples, seqlen >= 2), got {tuple(data.shape)}")
-    return data
+    return as_calibration(data, config.calibration.batch_size)
 
 
-def allocate(model: nn.Module, plan: Plan, data: Tensor | None, progress: bool) -> dict[str, float]:
+def _options(config: PruneConfig, progress: bool, device: Any, desc: str) -> RunOptions:
+    c = config.calibration
+    return RunOptions(sequential=c.sequential, device=device, offload=c.offload, progress=progress, desc=desc)
+
+
+def allocate(model: nn.Module, plan: Plan, data: Any, progress: bool, device: Any = None) -> dict[str, float]:
     """Per-layer sparsity from the allocation rule, ranking with the score's allocation proxy.
     A data-aware proxy (Wanda's |W|*||x||) gets input norms from one pass over the dense model."""
     cfg = plan.config
     rule = ALLOCATIONS.get(cfg.allocation.name)
     proxy = SCORES.get(plan.score.allocation_proxy)
-    modules = plan.all_layers
-    norms: dict[str, Tensor] = {}
+    targets = plan.all_layers
+    norms: dict[str, torch.Tensor] = {}
     if rule.uses_scores and proxy.needs:
-        ids = _calibration_ids(data, cfg, f"allocation {cfg.allocation.name!r} with score {proxy.name!r}")
+        calib = _calibration(data, cfg, f"allocation {cfg.allocation.name!r} with score {proxy.name!r}")
 
         def keep_norms(group: list[str], inputs: InputStats) -> None:
             for name in group:
                 norms[name] = inputs.input_norm
 
-        run_sequential(model, plan.blocks, plan.blocks_name, ids.to(_device(model)), plan.layers, keep_norms,
-                       hessian=False, modifies=False, batch_size=cfg.calibration.batch_size,
-                       progress=progress, desc="allocation statistics")
+        run_sequential(model, calib, (plan.blocks_name, plan.blocks), plan.layers, keep_norms, modifies=False,
+                       options=_options(cfg, progress, device, "allocation statistics"))
 
     def scorer(name: str):
-        return lambda: proxy(weight_2d(modules[name]).float(),
+        return lambda: proxy(targets[name].weight().float(),
                              LayerStats(input_norm=norms.get(name), generator=plan.generator(name)))
 
-    refs = [LayerRef(n, plan.block_of(n), weight_2d(m).numel(), scorer(n)) for n, m in modules.items()]
-    return dict(zip(modules, rule(refs, cfg.sparsity, cfg.allocation)))
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    refs = [LayerRef(n, plan.block_of(n), t.weight().numel(), scorer(n)) for n, t in targets.items()]
+    return dict(zip(targets, rule(refs, cfg.sparsity, cfg.allocation)))
 
 
 @torch.no_grad()
-def prune_group(plan: Plan, modules: dict[str, nn.Module], names: list[str], amounts: dict[str, float],
-                stats: LayerStats, inputs: InputStats | None) -> None:
-    """Prune layers that share one input as one stacked problem and write the result back."""
-    weights = [weight_2d(modules[n]).float() for n in names]  # each (out_i, in)
+def prune_group(plan: Plan, targets: dict[str, Target], names: list[str], amounts: dict[str, float],
+                stats: LayerStats, inputs: InputStats | None, score: Score | None = None) -> None:
+    """Prune layers that share one input and write the result back. Scores and repairs are
+    computed in float32 (at least); weights keep their own dtype. Masks alone are applied in
+    place, layer by layer; a reconstruction solves the layers as one stacked problem."""
+    score = score or plan.score
+    reconstruction = plan.config.reconstruction if inputs is not None else "none"
+    if reconstruction == "none":
+        for n in names:
+            live = targets[n].weight()  # (out, in) view of the parameter
+            seg = Segment(0, live.shape[0], plan.spec(amounts[n]))
+            problem = GroupProblem(live.float(), (seg,), score, stats, inputs, plan.config.sparsegpt)
+            live.masked_fill_(choose_masks(problem), 0)
+        return
+    weights = [targets[n].weight().float() for n in names]  # each (out_i, in)
     bounds = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()
     segments = tuple(Segment(bounds[k], bounds[k + 1], plan.spec(amounts[n])) for k, n in enumerate(names))
     stacked = weights[0] if len(weights) == 1 else torch.cat(weights)  # reconstructions never write into it
-    problem = GroupProblem(stacked, segments, plan.score, stats, inputs, plan.config.sparsegpt)
-    new_weight, _ = RECONSTRUCTIONS.get(plan.config.reconstruction)(problem)
+    problem = GroupProblem(stacked, segments, score, stats, inputs, plan.config.sparsegpt)
+    new_weight, _ = RECONSTRUCTIONS.get(reconstruction)(problem)
     for n, seg in zip(names, segments):
-        set_weight_2d(modules[n], new_weight[seg.start : seg.stop])
+        targets[n].set_weight(new_weight[seg.start : seg.stop])
 
 
-def prune_oneshot(model: nn.Module, config: PruneConfig, data: Tensor | None = None, *,
-                  progress: bool = True) -> dict[str, float]:
-    """Prune ``model`` in place; returns the per-layer sparsity that was allocated."""
+def _prune_data_free(plan: Plan, targets: dict[str, Target], names: list[str], amounts: dict[str, float],
+                     score: Score) -> None:
+    for name in names:
+        prune_group(plan, targets, [name], amounts, LayerStats(generator=plan.generator(name)), None, score)
+
+
+def prune_oneshot(model: nn.Module, config: PruneConfig, data: Any = None, *, progress: bool = True,
+                  device: Any = None) -> OneShotOutcome:
+    """Prune ``model`` in place; returns the per-layer amounts and the unreached layers.
+
+    ``data``: :class:`~prunekit.calibration.CalibrationData` or anything
+    :func:`~prunekit.calibration.as_calibration` takes (token ids ``(N, T)``...). ``device``:
+    where blocks compute (None: where the model is); the model stays where it is.
+    """
     plan = make_plan(model, config)
-    amounts = allocate(model, plan, data, progress)
-    modules = plan.all_layers
+    amounts = allocate(model, plan, data, progress, device)
+    targets = plan.all_layers
+    outcome = OneShotOutcome(amounts)
     needs_hessian = "hessian" in plan.score.needs or config.reconstruction == "sparsegpt"
     if not (plan.score.needs or config.reconstruction != "none"):
-        for name in modules:
-            prune_group(plan, modules, [name], amounts, LayerStats(generator=plan.generator(name)), None)
-        return amounts
-
-    ids = _calibration_ids(data, config, f"score {config.score!r} / reconstruction {config.reconstruction!r}")
+        _prune_data_free(plan, targets, list(targets), amounts, plan.score)
+        return outcome
+    calib = _calibration(data, config, f"score {config.score!r} / reconstruction {config.reconstruction!r}")
 
     def visit(names: list[str], inputs: InputStats) -> None:
         stats = LayerStats(input_norm=inputs.input_norm, generator=plan.generator(names[0]))
-        prune_group(plan, modules, names, amounts, stats, inputs)
+        prune_group(plan, targets, names, amounts, stats, inputs)
 
-    run_sequential(model, plan.blocks, plan.blocks_name, ids.to(_device(model)), plan.layers, visit,
-                   hessian=needs_hessian, modifies=True, batch_size=config.calibration.batch_size,
-                   sequential=config.calibration.sequential,
-                   progress=progress, desc=f"pruning ({config.method or config.score})")
-    return amounts
+    run = run_sequential(model, calib, (plan.blocks_name, plan.blocks), plan.layers, visit, gram=needs_hessian,
+                         modifies=True, options=_options(config, progress, device,
+                                                         f"pruning ({config.method or config.score})"))
+    if run.unreached:
+        log.warning("%d layers were reached by no calibration token (%s%s); %s", len(run.unreached),
+                    ", ".join(run.unreached[:4]), ", ..." if len(run.unreached) > 4 else "",
+                    "pruned by magnitude" if config.unreached == "magnitude" else "left dense")
+        if config.unreached == "magnitude":
+            _prune_data_free(plan, targets, run.unreached, amounts, SCORES.get("magnitude"))
+        outcome.unreached = {n: config.unreached for n in run.unreached}
+    return outcome

@@ -15,9 +15,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..calibration import CalibrationData, Observer, RunOptions, run_sequential
 from ..errors import ConfigError, StructureError
+from ..models.decoder import block_list
 from ..registry import Registry
-from .data import run_hooked
 
 EXPERT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -46,38 +47,52 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     return layers
 
 
-ExpertScore = Callable[[nn.Module, list[MoELayer], list[Any], torch.Generator], list[Tensor]]
+#: score(model, MoE layers, calibration data or None, generator, runner options) -> per layer (experts,)
+ExpertScore = Callable[[nn.Module, list[MoELayer], "CalibrationData | None", torch.Generator, RunOptions],
+                       list[Tensor]]
 EXPERT_SCORES: Registry[ExpertScore] = Registry("expert score")
 
 
 @EXPERT_SCORES.register("frequency")
-def frequency(model: nn.Module, layers: list[MoELayer], data: list[Any], gen: torch.Generator) -> list[Tensor]:
-    """Per layer, ``(experts,)`` routing weight summed over calibration tokens."""
+def frequency(model: nn.Module, layers: list[MoELayer], data: CalibrationData | None, gen: torch.Generator,
+              options: RunOptions) -> list[Tensor]:
+    """Per layer, ``(experts,)`` routing weight summed over calibration tokens, the routers
+    watched while the sequential runner computes each block."""
     if not data:
         raise ConfigError("expert frequency needs calibration data (--calib TEXT or data=...)")
     mass = [torch.zeros(layer.count, dtype=torch.float64) for layer in layers]
+    index = {id(layer.router): i for i, layer in enumerate(layers)}
 
-    def hook(i: int):
-        def record(module: nn.Module, args: tuple, out: Any) -> None:
-            if not (isinstance(out, tuple) and len(out) == 3):
-                raise StructureError(f"router of {layers[i].name} does not return (logits, weights, indices)")
-            _, weights, indices = out
-            mass[i].index_add_(0, indices.reshape(-1), weights.reshape(-1).double().detach())
+    def record(module: nn.Module, args: tuple, out: Any) -> None:
+        i = index[id(module)]
+        if not (isinstance(out, tuple) and len(out) == 3):
+            raise StructureError(f"router of {layers[i].name} does not return (logits, weights, indices)")
+        _, weights, indices = out
+        mass[i].index_add_(0, indices.reshape(-1).cpu(), weights.reshape(-1).double().detach().cpu())
 
-        return record
+    def hooks(i: int, block: nn.Module) -> list[Any]:
+        return [m.register_forward_hook(record) for m in block.modules() if id(m) in index]
 
-    run_hooked(model, data, [layer.router.register_forward_hook(hook(i)) for i, layer in enumerate(layers)])
+    run_sequential(model, data, block_list(model), [{} for _ in range(_block_count(model))], lambda n, s: None,
+                   modifies=False, options=options, observer=Observer(hooks=hooks))
     return [m.float() for m in mass]
 
 
+def _block_count(model: nn.Module) -> int:
+    found = block_list(model)
+    return len(found[1]) if found is not None else 1
+
+
 @EXPERT_SCORES.register("router_norm")
-def router_norm(model: nn.Module, layers: list[MoELayer], data: list[Any], gen: torch.Generator) -> list[Tensor]:
+def router_norm(model: nn.Module, layers: list[MoELayer], data: CalibrationData | None, gen: torch.Generator,
+                options: RunOptions) -> list[Tensor]:
     """Per layer, the L2 norm of each expert's router row (data-free)."""
     return [layer.router.weight.detach().float().norm(dim=1) for layer in layers]
 
 
 @EXPERT_SCORES.register("random")
-def random_experts(model: nn.Module, layers: list[MoELayer], data: list[Any], gen: torch.Generator) -> list[Tensor]:
+def random_experts(model: nn.Module, layers: list[MoELayer], data: CalibrationData | None, gen: torch.Generator,
+                   options: RunOptions) -> list[Tensor]:
     """Random expert scores: the control."""
     return [torch.rand(layer.count, generator=gen) for layer in layers]
 

@@ -12,56 +12,49 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..calibration import CalibrationData, Observer, RunOptions, run_sequential
 from ..errors import ConfigError, StructureError
 from ..models.decoder import find_blocks
 from ..registry import Registry
-from .data import run_hooked
 from .remove import owner_of
 from .select import half_up
 
 log = logging.getLogger(__name__)
 
-BlockScore = Callable[[nn.Module, nn.ModuleList, list[Any], torch.Generator], Tensor]
+#: score(model, calibration data or None, generator, runner options) -> (blocks,)
+BlockScore = Callable[[nn.Module, "CalibrationData | None", torch.Generator, RunOptions], Tensor]
 LAYER_SCORES: Registry[BlockScore] = Registry("layer score")
 
 
-def _hidden(x: Any) -> Tensor | None:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor):
-        return x[0]
-    return None
-
-
 @LAYER_SCORES.register("block_influence")
-def block_influence(model: nn.Module, blocks: nn.ModuleList, data: list[Any], gen: torch.Generator) -> Tensor:
-    """``(blocks,)`` mean over tokens of ``1 - cos(h_in, h_out)`` (ShortGPT)."""
+def block_influence(model: nn.Module, data: CalibrationData | None, gen: torch.Generator,
+                    options: RunOptions) -> Tensor:
+    """``(blocks,)`` mean over tokens of ``1 - cos(h_in, h_out)`` (ShortGPT), each block's
+    input and output seen by the sequential runner."""
     if not data:
         raise ConfigError("block influence needs calibration data (--calib TEXT or data=...)")
+    name, blocks = find_blocks(model)
     total = torch.zeros(len(blocks), dtype=torch.float64)
     count = torch.zeros(len(blocks), dtype=torch.float64)
 
-    def hook(i: int):
-        def record(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            h_in = _hidden(args) if args else kwargs.get("hidden_states")
-            h_out = _hidden(out)
-            if h_in is None or h_out is None or h_in.shape != h_out.shape:
-                raise StructureError(f"block {i} does not map hidden states to hidden states of the same shape")
-            a, b = h_in.detach().float().flatten(0, -2), h_out.detach().float().flatten(0, -2)
-            cos = nn.functional.cosine_similarity(a, b, dim=-1)  # (tokens,)
-            total[i] += (1 - cos).double().sum()
-            count[i] += cos.numel()
+    def batch(i: int, h_in: Tensor, h_out: Tensor) -> None:
+        if h_in.shape != h_out.shape:
+            raise StructureError(f"block {i} does not map hidden states to hidden states of the same shape")
+        a, b = h_in.float().flatten(0, -2), h_out.float().flatten(0, -2)  # (tokens, hidden)
+        cos = nn.functional.cosine_similarity(a, b, dim=-1)  # (tokens,)
+        total[i] += float((1 - cos).double().sum())
+        count[i] += cos.numel()
 
-        return record
-
-    run_hooked(model, data, [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)])
+    run_sequential(model, data, (name, blocks), [{} for _ in blocks], lambda names, stats: None, modifies=False,
+                   options=options, observer=Observer(batch=batch))
     return (total / count.clamp_min(1)).float()
 
 
 @LAYER_SCORES.register("random")
-def random_blocks(model: nn.Module, blocks: nn.ModuleList, data: list[Any], gen: torch.Generator) -> Tensor:
+def random_blocks(model: nn.Module, data: CalibrationData | None, gen: torch.Generator,
+                  options: RunOptions) -> Tensor:
     """Random block scores: the control for depth pruning."""
-    return torch.rand(len(blocks), generator=gen)
+    return torch.rand(len(find_blocks(model)[1]), generator=gen)
 
 
 def choose_blocks(scores: Tensor, ratio: float) -> list[int]:

@@ -10,13 +10,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..calibration import CalibrationData, RunOptions, as_calibration
+from ..calibration.data import LossFn
+from ..calibration.gradients import loss_gradients
 from ..errors import ConfigError, StructureError
 from .config import StructureConfig
-from .data import Batches, LossFn, accumulate_grads, batches, example_of, input_moments
 from .graph import Graph, Group, Member, build_graph
 from .remove import remove_units
 from .scores import ScoreContext, check_applies, input_dim
 from .select import count_to_remove, global_threshold, lowest, uniform
+from .stats import input_moments
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +47,34 @@ def count_params(model: nn.Module) -> int:
 
 
 def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = None, example_inputs: Any = None,
-                    loss_fn: LossFn | None = None, tokenizer: Any = None, progress: bool = False) -> StructureResult:
+                    loss_fn: LossFn | None = None, tokenizer: Any = None, progress: bool = False,
+                    device: Any = None) -> StructureResult:
     """Remove ``config.ratio`` of the chosen structure from ``model`` in place.
 
-    ``data``: calibration data (token ids ``(N, T)``, an ``(inputs, labels)`` pair, inputs,
-    or a list of batches) for data-aware scores. ``progress``: a bar per pass over the data. ``example_inputs``: one input for tracing
-    (default: cut from ``data``). ``loss_fn(model, batch)``: for gradient scores when the
-    default (LM loss, or cross-entropy on labelled pairs) does not fit.
+    ``data``: calibration data for data-aware scores: a
+    :class:`~prunekit.calibration.CalibrationData`, token ids ``(N, T)``, an ``(inputs,
+    labels)`` pair, inputs, or a list/DataLoader of batches. ``example_inputs``: one input for
+    tracing (default: cut from ``data``). ``loss_fn(model, batch)``: for gradient scores when
+    the default (LM loss, or cross-entropy on labelled pairs) does not fit. ``progress``: a
+    bar over blocks. ``device``: where blocks compute while statistics are gathered.
     """
     start = time.perf_counter()
-    data_batches = Batches(batches(data, config.batch_size) if data is not None else [], progress)
-    example = example_inputs if example_inputs is not None else (example_of(data_batches[0]) if data_batches else None)
+    calib = as_calibration(data, config.batch_size, loss_fn=loss_fn) if data is not None else None
+    example = example_inputs if example_inputs is not None else (calib.trace_inputs(model) if calib else None)
     if example is None:
         raise ConfigError("structural pruning traces one forward pass: pass example_inputs=... or calibration data")
+    options = RunOptions(device=device, progress=progress, desc=f"statistics ({config.method})")
     params_before = count_params(model)
     graph = build_graph(model, example, ignore=config.ignore)
     macs_before = graph.macs
     config_changes: dict[str, Any] = {}
     attrs: dict[str, dict[str, Any]] = {}
     if config.structure == "layers":
-        summary, config_changes = _prune_layers(model, config, data_batches)
+        summary, config_changes = _prune_layers(model, config, calib, options)
     elif config.structure == "experts":
-        summary, config_changes = _prune_experts(model, config, data_batches)
+        summary, config_changes = _prune_experts(model, config, calib, options)
     else:
-        summary, attrs = _prune_units(model, graph, config, data_batches, loss_fn)
+        summary, attrs = _prune_units(model, graph, config, calib, options)
     try:
         after = build_graph(model, example, ignore=config.ignore)
     except Exception as exc:  # noqa: BLE001 - any failure here means the model no longer runs
@@ -92,8 +99,8 @@ def _tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
     return list(model.state_dict(keep_vars=True).items())
 
 
-def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: list[Any],
-                 loss_fn: LossFn | None) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: CalibrationData | None,
+                 options: RunOptions) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     groups = [g for g in graph.of_kind(*cfg.kinds) if not cfg.ignored(g.name)
               and not any(cfg.ignored(p) for p in g.params)]
     if not groups:
@@ -109,7 +116,8 @@ def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: lis
     if "inputs" in score.needs or compensate:
         if not data:
             raise ConfigError("bias compensation needs calibration data")
-        ctx.moments = input_moments(model, data)
+        wanted = {m.param for g in groups for m in g.units[0] if input_dim(m, ctx)}
+        ctx.moments = input_moments(model, data, wanted, options=options)
     if cfg.structure == "heads" and cfg.heads == "query":
         for g in groups:
             if not g.sub_units:
@@ -117,7 +125,7 @@ def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: lis
         pools = [[s for u in g.sub_units for s in u] for g in groups]
     else:
         pools = [g.units for g in groups]
-    scores = [_finite(s, g.name) for s, g in zip(_score_all(score, pools, ctx, data, loss_fn), groups)]
+    scores = [_finite(s, g.name) for s, g in zip(_score_all(score, pools, ctx, data), groups)]
     if cfg.structure == "heads" and cfg.heads == "query":
         chosen = _query_heads(groups, scores, cfg)
     else:
@@ -136,16 +144,17 @@ def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: lis
     return summary, attrs
 
 
-def _score_all(score: Any, pools: list[list[tuple[Member, ...]]], ctx: ScoreContext, data: list[Any],
-               loss_fn: LossFn | None) -> list[Tensor]:
+def _score_all(score: Any, pools: list[list[tuple[Member, ...]]], ctx: ScoreContext,
+               data: CalibrationData | None) -> list[Tensor]:
     """Scores of every pool of units. Gradient scores are summed over per-batch gradients, as
     Molchanov et al. (2019) accumulate (sum w*g)^2 over minibatches: at a converged model the
     mean gradient vanishes but its per-batch fluctuation still tells units apart."""
     if "grads" not in score.needs:
         return [score(p, ctx) for p in pools]
-    total = [torch.zeros(len(p)) for p in pools]
+    assert data is not None
+    total = [ctx.zeros(len(p)) for p in pools]
     for batch in data:
-        ctx.grads = accumulate_grads(ctx.model, [batch], loss_fn)
+        ctx.grads = loss_gradients(ctx.model, data, batches=[batch])
         for t, p in zip(total, pools):
             t += score(p, ctx)
     ctx.grads = {}
@@ -180,32 +189,37 @@ def compensate_bias(model: nn.Module, units: list[tuple[Member, ...]], ctx: Scor
                 layer = ctx.module(m.param)
                 if not isinstance(layer, nn.Linear):
                     continue
-                idx = torch.tensor(m.index)
-                shift = layer.weight[:, idx].float() @ ctx.moments[m.param].mean[idx]  # (out,)
+                idx = torch.tensor(m.index, device=layer.weight.device)
+                mean = ctx.moments[m.param].mean.to(layer.weight.device)[idx]  # (removed,) float64
+                shift = (layer.weight[:, idx].double() @ mean).float()  # (out,)
                 if layer.bias is None:
-                    layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype))
+                    layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
+                                                          device=layer.weight.device))
                 layer.bias += shift.to(layer.bias.dtype)
 
 
-def _prune_layers(model: nn.Module, cfg: StructureConfig, data: list[Any]) -> tuple[list[dict[str, Any]], dict]:
+def _prune_layers(model: nn.Module, cfg: StructureConfig, data: CalibrationData | None,
+                  options: RunOptions) -> tuple[list[dict[str, Any]], dict]:
     from ..models.decoder import find_blocks
     from .layers import LAYER_SCORES, choose_blocks, remove_blocks
 
     name, blocks = find_blocks(model)
-    scores = _finite(LAYER_SCORES.get(cfg.method)(model, blocks, data, torch.Generator().manual_seed(cfg.seed)), name)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    scores = _finite(LAYER_SCORES.get(cfg.method)(model, data, gen, options), name)
     drop = choose_blocks(scores, cfg.ratio)
     changes = remove_blocks(model, drop)
     return [{"name": name, "kind": "layers", "units_before": len(blocks), "removed": len(drop),
              "removed_indices": drop, "scores": [round(float(s), 6) for s in scores]}], changes
 
 
-def _prune_experts(model: nn.Module, cfg: StructureConfig, data: list[Any]) -> tuple[list[dict[str, Any]], dict]:
+def _prune_experts(model: nn.Module, cfg: StructureConfig, data: CalibrationData | None,
+                   options: RunOptions) -> tuple[list[dict[str, Any]], dict]:
     from .experts import EXPERT_ATTRS, EXPERT_SCORES, find_moe_layers, remove_experts
 
     layers = [layer for layer in find_moe_layers(model) if not cfg.ignored(layer.name)]
     if not layers:
         raise StructureError(f"{type(model).__name__} has no mixture-of-experts layers (a module with gate + experts)")
-    scores = EXPERT_SCORES.get(cfg.method)(model, layers, data, torch.Generator().manual_seed(cfg.seed))
+    scores = EXPERT_SCORES.get(cfg.method)(model, layers, data, torch.Generator().manual_seed(cfg.seed), options)
     summary = []
     for layer, s in zip(layers, scores):
         n = layer.count

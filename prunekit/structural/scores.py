@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import Registry
-from .data import FeatureMoments
+from ..calibration.stats import InputStats
 from .graph import Member
 from .remove import owner_of
 
@@ -22,11 +22,12 @@ UNIT_STRUCTURES = frozenset({"channels", "neurons", "heads", "width"})
 
 @dataclass
 class ScoreContext:
-    """What a score may read: tensors by name, summed gradients, input moments, a generator."""
+    """What a score may read: tensors by name, summed gradients, input moments (by consumer
+    weight name), a generator. Scores are created on the device of the model's tensors."""
 
     model: nn.Module
     grads: dict[str, Tensor] = field(default_factory=dict)
-    moments: dict[str, FeatureMoments] = field(default_factory=dict)
+    moments: dict[str, InputStats] = field(default_factory=dict)
     generator: torch.Generator | None = None
 
     params: frozenset[str] = field(init=False)
@@ -44,6 +45,11 @@ class ScoreContext:
 
     def module(self, name: str) -> nn.Module:
         return owner_of(self.model, name)[0]
+
+    def zeros(self, n: int) -> Tensor:
+        """(n,) float32 zeros on the model's device."""
+        p = next(self.model.parameters(), None)
+        return torch.zeros(n, device=p.device if p is not None else None)
 
 
 UnitScore = Callable[[list[tuple[Member, ...]], ScoreContext], Tensor]
@@ -84,13 +90,13 @@ def check_applies(method: str, structure: str) -> GroupScore:
 
 def member_slices(t: Tensor, units: list[tuple[Member, ...]], k: int) -> Tensor:
     """``(units, L, *rest)``: the k-th member's slices of tensor ``t`` for every unit."""
-    index = torch.tensor([u[k].index for u in units], dtype=torch.long)  # (units, L)
+    index = torch.tensor([u[k].index for u in units], dtype=torch.long, device=t.device)  # (units, L)
     return t.movedim(units[0][k].dim, 0)[index]
 
 
 def _per_member(units: list[tuple[Member, ...]], ctx: ScoreContext, fn: Callable[[Tensor, int], Tensor],
                 select: Callable[[Member, ScoreContext], bool] = lambda m, c: True) -> Tensor:
-    total = torch.zeros(len(units))
+    total = ctx.zeros(len(units))
     for k, m in enumerate(units[0]):
         if select(m, ctx) and ctx.is_parameter(m.param):
             total += fn(member_slices(ctx.tensor(m.param).float(), units, k), k)
@@ -112,7 +118,8 @@ def l1(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
 @register("random")
 def random(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
     """A seeded random score: the control every structured criterion must beat."""
-    return torch.rand(len(units), generator=ctx.generator)
+    # Drawn on the CPU so a seed gives the same choice on every device.
+    return torch.rand(len(units), generator=ctx.generator).to(ctx.zeros(0).device)
 
 
 @register("taylor", needs=("grads",))
@@ -120,7 +127,7 @@ def taylor(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
     """First-order Taylor estimate of the loss change when the whole unit is removed:
     ``(sum over the unit of w * dL/dw)^2`` (Molchanov et al., "Importance Estimation for
     Neural Network Pruning", CVPR 2019; group form as in LLM-Pruner, Ma et al. 2023)."""
-    total = torch.zeros(len(units))
+    total = ctx.zeros(len(units))
     for k, m in enumerate(units[0]):
         g = ctx.grads.get(m.param)
         if g is None:
@@ -156,19 +163,19 @@ def input_dim(m: Member, ctx: ScoreContext) -> bool:
 
 
 def _consumer_score(units: list[tuple[Member, ...]], ctx: ScoreContext,
-                    per_input: Callable[[Tensor, FeatureMoments], Tensor]) -> Tensor:
+                    per_input: Callable[[Tensor, InputStats], Tensor]) -> Tensor:
     """Sum over the unit's consumer members of ``per_input(|W| columns, moments)[j]``."""
     if not ctx.moments:
         raise ConfigError("activation scores need input statistics: pass calibration data (--calib TEXT or data=...)")
-    total = torch.zeros(len(units))
+    total = ctx.zeros(len(units))
     found = False
     for k, m in enumerate(units[0]):
         if not input_dim(m, ctx) or m.param not in ctx.moments:
             continue
         found = True
         w = ctx.tensor(m.param).float().movedim(m.dim, 0).flatten(1)  # (in, out * kernel)
-        values = per_input(w, ctx.moments[m.param])  # (in,)
-        total += values[torch.tensor([u[k].index for u in units])].sum(1)
+        values = per_input(w, ctx.moments[m.param]).to(total)  # (in,)
+        total += values[torch.tensor([u[k].index for u in units], device=values.device)].sum(1)
     if not found:
         raise ConfigError("this activation score needs a Linear/Conv that consumes the pruned units")
     return total
@@ -179,7 +186,7 @@ def wanda(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
     """Structured Wanda: ``sum_j ||x_j||_2 * sum_i |W_ij|`` over the unit's input features
     of the layers consuming it (Sun et al., "A Simple and Effective Pruning Approach for
     LLMs", 2023, structured variant)."""
-    return _consumer_score(units, ctx, lambda w, mom: w.abs().sum(1) * mom.norm)
+    return _consumer_score(units, ctx, lambda w, mom: w.abs().sum(1) * mom.input_norm.to(w))
 
 
 @register("flap", needs=("inputs",))
@@ -187,4 +194,4 @@ def flap(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
     """Fluctuation: ``sum_j Var(x_j) * ||W_:,j||^2`` (An et al., "Fluctuation-based Adaptive
     Structured Pruning for Large Language Models", AAAI 2024). With bias compensation the
     removed inputs' mean contribution is folded into the consumer's bias."""
-    return _consumer_score(units, ctx, lambda w, mom: w.pow(2).sum(1) * mom.variance)
+    return _consumer_score(units, ctx, lambda w, mom: w.pow(2).sum(1) * mom.variance.to(w))

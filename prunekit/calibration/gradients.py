@@ -1,0 +1,39 @@
+"""Gradients of the calibration loss with respect to chosen parameters (Taylor scores, SNIP):
+one whole-model forward and backward per batch, since a loss needs the whole model. The
+model's own ``.grad`` and ``requires_grad`` flags are left as they were."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CalibrationError
+from .data import Batch, CalibrationData
+
+
+def loss_gradients(model: nn.Module, data: CalibrationData, params: Mapping[str, nn.Parameter] | None = None,
+                   batches: Sequence[Batch] | None = None) -> dict[str, Tensor]:
+    """``name -> d(sum of batch losses)/d(param)`` for ``params`` (default: every parameter),
+    over ``batches`` (default: all of ``data``), each gradient on its parameter's device."""
+    params = dict(params) if params is not None else dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in batches if batches is not None else data.batches:
+                loss = data.loss(model, batch)
+                if not torch.isfinite(loss):
+                    raise CalibrationError(f"loss is {loss.item()} on calibration data; cannot score by gradient")
+                for n, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
+                    if g is not None:
+                        grads[n] += g.detach()
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    return grads
