@@ -15,6 +15,7 @@ from .errors import ConfigError
 from .evaluate import Perplexity, peak_rss_mb, perplexity, sparsity_report
 from .export import save_pretrained
 from .models.loading import load_model
+from .models.placement import parse_device, place
 from .schedules import prune_oneshot
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,14 @@ class PruneResult:
                                report=self.report, overwrite=overwrite)
 
 
-def load(model: str) -> tuple[nn.Module, Any]:
-    """Load (model, tokenizer) from a local dir, hub id, .gguf file or ``default``."""
-    m, tok, _ = load_model(model)
+def load(model: str, *, device: Any = None, dtype: Any = "auto") -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) from a local dir, hub id, .gguf file or ``default``, in
+    ``dtype`` (``auto``: as stored, or float32/bfloat16/float16). With ``device`` (``auto``,
+    ``cpu``, ``cuda``, ``cuda:N``) the model moves there if it fits; otherwise it stays in CPU
+    memory and pruning moves one block at a time (pass the same ``device`` to :func:`prune`)."""
+    m, tok, _ = load_model(model, dtype)
+    if device is not None:
+        place(m, parse_device(device))
     return m, tok
 
 
@@ -63,17 +69,23 @@ def calibration_data(tokenizer: Any, text: str, config: PruneConfig) -> Tensor:
 
 
 def prune(model: nn.Module | str, config: PruneConfig | str | dict[str, Any] | None = None,
-          data: Any = None, *, tokenizer: Any = None, progress: bool = True, device: Any = None) -> PruneResult:
+          data: Any = None, *, tokenizer: Any = None, progress: bool = True, device: Any = None,
+          dtype: Any = "auto") -> PruneResult:
     """Prune ``model`` in place and report.
 
-    ``model``: an nn.Module (HF causal LM) or a MODEL spec string. ``config``: PruneConfig,
-    method name, recipe dict or YAML path. ``data``: (nsamples, seqlen) token ids, or a
-    text spec (file, ``default``, hub dataset) tokenised with ``tokenizer``.
+    ``model``: an nn.Module (HF causal LM) or a MODEL spec string (loaded in ``dtype``).
+    ``config``: PruneConfig, method name, recipe dict or YAML path. ``data``: a
+    :class:`~prunekit.calibration.CalibrationData`, (nsamples, seqlen) token ids, or a text
+    spec (file, ``default``, hub dataset) tokenised with ``tokenizer``. ``device``: where
+    blocks compute (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default: where the model is);
+    a model in CPU memory stays there and each block visits the device in turn.
     """
     cfg = as_config(config)
     if isinstance(model, str):
-        model, loaded_tok, _ = load_model(model)
+        model, loaded_tok, _ = load_model(model, dtype)
         tokenizer = tokenizer or loaded_tok
+    if device is not None:
+        device = place(model, parse_device(device))
     if isinstance(data, str):
         data = calibration_data(tokenizer, data, cfg) if cfg.needs_data else None
     start = time.perf_counter()
@@ -85,8 +97,10 @@ def prune(model: nn.Module | str, config: PruneConfig | str | dict[str, Any] | N
         report["layers"][name]["allocated"] = amount
     if outcome.unreached:
         report["unreached"] = outcome.unreached
+    weight = next(model.parameters())
     report.update(seconds=seconds, peak_rss_mb=peak_rss_mb(), method=cfg.method, pattern=str(cfg.pattern),
-                  allocation=cfg.allocation.name, target_sparsity=cfg.sparsity)
+                  allocation=cfg.allocation.name, target_sparsity=cfg.sparsity, dtype=str(weight.dtype).split(".")[-1],
+                  device=str(device if device is not None else weight.device))
     log.info("pruned to %.4f sparsity in %.1f s", report["sparsity"], seconds)
     return PruneResult(model, cfg, report, tokenizer)
 

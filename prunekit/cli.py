@@ -26,6 +26,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
 
 
+def _placement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where the model computes (default auto: a GPU if there is one). A model larger than the "
+                        "GPU stays in CPU memory and each block is moved to the GPU while it is calibrated")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype to load and prune the model in (default auto: as stored); statistics always "
+                        "accumulate in float32/float64")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunekit", description="Prune PyTorch models.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,7 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--sequential", default="layer", choices=["layer", "block"],
                    help="layer (default): prune each layer just before it runs, from the outputs of the already "
-                        "pruned layers, one pass per block; block: statistics from the unpruned block, two passes")
+                        "pruned layers, one pass per block (every calibration batch in flight); block: statistics "
+                        "from the unpruned block, two passes, one batch in flight (less memory)")
+    p.add_argument("--offload", default="none", choices=["none", "cpu", "disk"],
+                   help="where block inputs wait between blocks: where blocks compute (none), CPU memory while "
+                        "blocks run on a GPU (cpu), or memory-mapped files (disk)")
+    p.add_argument("--unreached", default="magnitude", choices=["magnitude", "dense"],
+                   help="layers no calibration token reaches (MoE experts nobody routes to): prune them by "
+                        "magnitude (default) or leave them dense; the report names them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block size")
     p.add_argument("--damp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean Hessian diagonal")
@@ -75,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--eval", metavar="TEXT", help="also report perplexity on TEXT after pruning")
     p.add_argument("--eval-max-tokens", type=int, default=None)
+    _placement(p)
     _common(p)
 
     e = sub.add_parser("eval", help="perplexity and sparsity of a model", epilog=EPILOG,
@@ -83,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", default="default", metavar="TEXT", help="evaluation text (default: bundled corpus)")
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    _placement(e)
     _common(e)
 
     ls = sub.add_parser("list", help="list methods, scores, patterns, allocations, reconstructions")
@@ -112,9 +130,8 @@ def _config(args: argparse.Namespace):
             raise ConfigError("--sparsity is for weight pruning; with --structure give --ratio (fraction of units removed)")
         if args.ratio is None:
             raise ConfigError("--structure needs --ratio R, the fraction of units to remove, e.g. --ratio 0.25")
-        method = args.method or {"layers": "block_influence", "experts": "frequency"}.get(args.structure, "flap")
         return StructureConfig.create(
-            args.structure, args.ratio, method, allocation=args.allocation, ignore=tuple(args.ignore),
+            args.structure, args.ratio, args.method, allocation=args.allocation, ignore=tuple(args.ignore),
             overrides=tuple(_override(o) for o in args.override),
             heads=args.heads, round_to=args.round_to, nsamples=args.nsamples, seqlen=args.seqlen,
             batch_size=args.batch_size, seed=args.seed)
@@ -123,8 +140,10 @@ def _config(args: argparse.Namespace):
     return PruneConfig.from_method(
         args.method or "wanda", sparsity=args.sparsity, pattern=args.pattern,
         allocation=Allocation(args.allocation, args.owl_m, args.owl_lambda),
-        calibration=Calibration(args.nsamples, args.seqlen, args.batch_size, args.seed, args.sequential),
+        calibration=Calibration(args.nsamples, args.seqlen, args.batch_size, args.seed, args.sequential,
+                                args.offload),
         sparsegpt=SparseGPTParams(args.blocksize, args.damp), target=Target(tuple(args.ignore)), seed=args.seed,
+        unreached=args.unreached,
     )
 
 
@@ -145,17 +164,19 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     from .evaluate import peak_rss_mb
     from .export import check_output
     from .models.loading import load_model
-
+    from .models.placement import parse_device, parse_dtype, place
     from .structural import StructureConfig
 
     t0 = time.perf_counter()
     config = _config(args)  # bad flags fail here, before anything is loaded or written
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     check_output(args.output, args.overwrite)
     if isinstance(config, StructureConfig):
-        return cmd_structure(args, config, t0)
-    model, tokenizer, _ = load_model(args.model)
+        return cmd_structure(args, config, t0, device, dtype)
+    model, tokenizer, _ = load_model(args.model, dtype)
+    device = place(model, device)
     data = calibration_data(tokenizer, args.calib, config) if config.needs_data else None
-    result = prune(model, config, data, tokenizer=tokenizer, progress=not args.quiet)
+    result = prune(model, config, data, tokenizer=tokenizer, progress=not args.quiet, device=device)
     out: dict[str, Any] = {k: result.report[k] for k in (
         "method", "pattern", "allocation", "target_sparsity", "sparsity", "params_total", "params_nonzero", "seconds")}
     if "nm_valid" in result.report:
@@ -172,15 +193,17 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def cmd_structure(args: argparse.Namespace, config: Any, t0: float) -> dict[str, Any]:
+def cmd_structure(args: argparse.Namespace, config: Any, t0: float, device: Any, dtype: Any) -> dict[str, Any]:
     """``prune --structure``: remove whole units and save a smaller dense model."""
     from .api import evaluate_perplexity
     from .calibration.text import calibration_windows, load_text, tokenize
     from .evaluate import peak_rss_mb
     from .models.loading import load_model
+    from .models.placement import place
     from .structural import prune_structure
 
-    model, tokenizer, _ = load_model(args.model)
+    model, tokenizer, _ = load_model(args.model, dtype)
+    device = place(model, device)
     if tokenizer is None:
         from .errors import ModelLoadError
 
@@ -188,12 +211,12 @@ def cmd_structure(args: argparse.Namespace, config: Any, t0: float) -> dict[str,
     ids = tokenize(tokenizer, load_text(args.calib, "calib"))
     data = calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
     dense = copy.deepcopy(model) if args.latency else None
-    result = prune_structure(model, config, data=data, tokenizer=tokenizer, progress=not args.quiet)
+    result = prune_structure(model, config, data=data, tokenizer=tokenizer, progress=not args.quiet, device=device)
     r = result.report
     if dense is not None:
         from .evaluate import latencies_ms
 
-        ms = latencies_ms({"dense": dense, "pruned": model}, lambda: {"input_ids": data[:1], "use_cache": False},
+        ms = latencies_ms({"dense": dense, "pruned": model}, lambda: {"input_ids": data[:1].to(next(model.parameters()).device), "use_cache": False},
                           repeats=10)
         r.update(latency_ms_before=ms["dense"], latency_ms_after=ms["pruned"], latency_tokens=int(data.shape[1]))
         del dense
@@ -216,8 +239,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .api import evaluate_perplexity
     from .evaluate import peak_rss_mb, sparsity_report
     from .models.loading import load_model
+    from .models.placement import parse_device, parse_dtype, place
 
-    model, tokenizer, _ = load_model(args.model)
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    model, tokenizer, _ = load_model(args.model, dtype)
+    place(model, device)
     t0 = time.perf_counter()
     ppl = evaluate_perplexity(model, tokenizer, args.text, seqlen=args.seqlen, max_tokens=args.max_tokens,
                               progress=not args.quiet)
@@ -286,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrunekitError as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted (no partial output is ever left behind)", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(_finite(out)))
     elif args.command != "list":

@@ -54,6 +54,28 @@ def tiny_model(family: str, vocab: int = 256, seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(tiny_config(family, vocab)).eval()
 
 
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
+
+
+def tiny_moe(kind: str, experts: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A tiny random mixture-of-experts decoder with fused 3-D expert tensors (transformers 5)."""
+    import transformers as tf
+
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2)
+    if kind == "mixtral":
+        cfg = tf.MixtralConfig(**common, intermediate_size=64, num_local_experts=experts)
+    elif kind == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=32,
+                                shared_expert_intermediate_size=32, num_experts=experts)
+    elif kind == "olmoe":
+        cfg = tf.OlmoeConfig(**common, intermediate_size=32, num_experts=experts, eos_token_id=1, pad_token_id=0)
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
 @pytest.fixture(scope="session")
 def calib_text() -> str:
     return (ASSETS / "stdlib_docstrings.calib.txt").read_text()

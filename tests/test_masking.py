@@ -121,3 +121,37 @@ def test_prunable_parameters_and_ignore():
     assert list(prunable_parameters(model, ignore=[r"^5\."])) == ["0.weight", "3.weight"]
     with pytest.raises(ConfigError, match="no prunable parameters"):
         prunable_parameters(nn.Sequential(nn.ReLU()))
+
+
+def test_gpt2_conv1d_weights_are_masked_and_the_head_is_not():
+    """Regression: prunable_parameters skipped transformers Conv1D, so training-time pruning of
+    GPT-2 masked only the tied lm_head."""
+    from conftest import tiny_model
+
+    model = tiny_model("gpt2")
+    names = set(prunable_parameters(model))
+    assert names == {f"transformer.h.{i}.{m}.weight" for i in range(2)
+                     for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert "lm_head.weight" in prunable_parameters(model, include_heads=True)
+
+
+def test_gpt2_nm_training_masks_follow_the_input_dim():
+    import torch
+
+    from conftest import tiny_model
+    from prunekit.config import Pattern
+    from prunekit.patterns import is_nm
+    from prunekit.schedules import Gradual
+    from prunekit.training import SparsityController
+
+    model = tiny_model("gpt2")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctrl = SparsityController(model, opt, Gradual(target=0.5, start=0, end=1, frequency=1,
+                                                  pattern=Pattern.parse("2:4")))
+    ids = torch.randint(0, 256, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    ctrl.step()
+    for name, p in ctrl.params.items():
+        assert is_nm(p.detach().t(), 2, 4), name  # Conv1D stores (in, out): groups of 4 inputs per output
+        assert float((p == 0).float().mean()) == 0.5

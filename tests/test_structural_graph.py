@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, tiny_model, tiny_moe
 from prunekit.errors import ConfigError, StructureError
 from prunekit.models.zoo import ZOO, example_input
 from prunekit.structural import StructureConfig, build_graph, mask_units, prune_structure, remove_units
@@ -154,19 +154,7 @@ class _MaskRouter(TorchFunctionMode):
 
 
 def moe_model(kind):
-    import transformers as tf
-
-    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, num_experts_per_tok=2)
-    if kind == "mixtral":
-        cfg = tf.MixtralConfig(**common, intermediate_size=64, num_local_experts=4)
-    elif kind == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=32,
-                                shared_expert_intermediate_size=32, num_experts=4)
-    else:
-        cfg = tf.OlmoeConfig(**common, intermediate_size=32, num_experts=4, eos_token_id=1, pad_token_id=0)
-    torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_moe(kind)
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe"])
@@ -215,7 +203,7 @@ def test_hard_coded_sizes_fail_clearly():
 def test_ratio_that_empties_a_group_is_refused():
     model = tiny_model("llama")
     with pytest.raises(ConfigError, match="would remove all 2 units"):
-        prune_structure(model, StructureConfig("heads", 0.9), example_inputs=IDS)
+        prune_structure(model, StructureConfig("heads", 0.9, "l2"), example_inputs=IDS)
     with pytest.raises(StructureError, match="no mixture-of-experts"):
         prune_structure(model, StructureConfig.create("experts", 0.5), data=IDS["input_ids"])
     with pytest.raises(StructureError, match="no prunable neurons"):

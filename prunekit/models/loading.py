@@ -100,16 +100,22 @@ def resolve(spec: str) -> str:
     return spec  # a hub id, for users with internet
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, str]:
-    """Load (model, tokenizer, resolved path). The tokenizer is None if the model has none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(spec: str, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, object, str]:
+    """Load (model, tokenizer, resolved path) in ``dtype`` (``auto``: as stored; see
+    :func:`prunekit.models.placement.parse_dtype`). The tokenizer is None if the model has none."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..export.structure import load_structured, read_record
+    from .placement import parse_dtype
 
+    dtype = parse_dtype(dtype)
     source = resolve(spec)
     record = read_record(source) if Path(source).is_dir() else None
     try:
         if record is not None and not record.get("uniform"):
+            if dtype == "auto":
+                stored = getattr(AutoConfig.from_pretrained(source), "dtype", None)
+                dtype = stored if isinstance(stored, torch.dtype) else torch.float32
             model = load_structured(source, dtype=dtype)  # per-layer sizes differ from the config
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

@@ -34,7 +34,7 @@ from ..calibration import CalibrationData, as_calibration
 from ..calibration.gradients import loss_gradients
 from ..config import Pattern
 from ..errors import DataError, ScheduleError
-from ..masking import prunable_parameters
+from ..masking import prunable_parameters, transposed_names
 from ..registry import Registry
 from .base import Masks, check_pattern_target, check_target, random_scores, select_masks, shuffle_masks
 
@@ -179,7 +179,8 @@ def prune_at_init(model: nn.Module, config: AtInit, batches: Any = None, *, loss
     for k in range(1, rounds + 1):
         target = config.sparsity_at_iteration(k) if score.iterative else config.sparsity
         scores = score.fn(work, work_params, data, loss_fn, generator)
-        masks = select_masks(scores, target, allocation=allocation, pattern=config.pattern, keep_pruned=masks)
+        masks = select_masks(scores, target, allocation=allocation, pattern=config.pattern, keep_pruned=masks,
+                             transposed=transposed_names(model, params))
         with torch.no_grad():
             for n, p in work_params.items():
                 p.masked_fill_(masks[n], 0)

@@ -40,6 +40,7 @@ class PruneContext:
     generator: torch.Generator
     dense_grads: Mapping[str, Tensor] = field(default_factory=dict)
     units: Sequence[Sequence[Unit]] = ()  # structural groups of coupled units, for channels=True
+    transposed: frozenset[str] = frozenset()  # weights stored (in, out): transformers Conv1D
 
 
 class TrainingSchedule(Protocol):
@@ -88,7 +89,8 @@ def realised_sparsity(sparsity: float, pattern: Pattern) -> float:
 
 def select_masks(scores: Mapping[str, Tensor], sparsity: float, *, allocation: str = "uniform",
                  pattern: Pattern = Pattern(), keep_pruned: Mapping[str, Tensor] | None = None,
-                 channels: bool = False, units: Sequence[Sequence[Unit]] = ()) -> Masks:
+                 channels: bool = False, units: Sequence[Sequence[Unit]] = (),
+                 transposed: frozenset[str] = frozenset()) -> Masks:
     """Masks (True = pruned) pruning the lowest ``scores`` to overall ``sparsity``.
 
     Unstructured: ``allocation`` (any ALLOCATIONS entry: uniform, global, global_min, erk...)
@@ -105,9 +107,16 @@ def select_masks(scores: Mapping[str, Tensor], sparsity: float, *, allocation: s
     so that :func:`prunekit.structural.remove_masked_units` can later remove them exactly.
     ``keep_pruned``: masks whose pruned positions must stay pruned (their scores are pushed
     below every other score), so gradual and iterative pruning only ever remove more.
+    ``transposed``: names of weights stored ``(in, out)`` (transformers ``Conv1D``): their
+    rows, N:M groups and channels are taken along the right dims.
     """
     if channels and units:
         return unit_masks(scores, sparsity, units, keep_pruned or {})
+    if transposed:
+        turn = lambda d: {n: (t.t() if n in transposed else t) for n, t in d.items()}  # noqa: E731
+        masks = select_masks(turn(scores), sparsity, allocation=allocation, pattern=pattern,
+                             keep_pruned=turn(keep_pruned or {}), channels=channels)
+        return turn(masks)
     flat = {n: as_2d(s.detach().float()) for n, s in scores.items()}  # each (out, in * kernel)
     pruned_before = {n: as_2d(m) for n, m in (keep_pruned or {}).items() if n in flat}
     if channels:

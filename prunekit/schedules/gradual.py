@@ -87,4 +87,4 @@ class Gradual:
             return None
         return select_masks(magnitudes(ctx.weights), self.sparsity_at(step), allocation=self.allocation,
                             pattern=self.pattern, keep_pruned=ctx.masks, channels=self.channels,
-                            units=ctx.units)
+                            units=ctx.units, transposed=ctx.transposed)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..config import Pattern
 from ..errors import ConfigError, ScheduleError
-from ..masking import prunable_parameters
+from ..masking import prunable_parameters, transposed_names
 from .base import Masks, check_target, magnitudes, realised_sparsity, select_masks
 
 
@@ -106,7 +106,8 @@ class LotteryTicket:
         check_target(target)
         self.masks = select_masks(magnitudes(self.params), target, allocation=self.config.allocation,
                                   pattern=self.config.pattern, keep_pruned=self.masks,
-                                  channels=self.config.channels, units=self.units)
+                                  channels=self.config.channels, units=self.units,
+                                  transposed=transposed_names(self.model, self.params))
         self.rewind()
         return self.masks
 

@@ -72,7 +72,7 @@ class DynamicSparse:
 
     def initial_masks(self, ctx: PruneContext) -> Masks:
         return select_masks(random_scores(ctx.weights, ctx.generator), self.sparsity,
-                            allocation=self.allocation, pattern=self.pattern)
+                            allocation=self.allocation, pattern=self.pattern, transposed=ctx.transposed)
 
     def update(self, step: int, ctx: PruneContext) -> Masks | None:
         if not self.is_update(step):

@@ -25,7 +25,10 @@ class StructureConfig:
     hidden units), heads (attention heads: key/value groups, or with ``heads="query"`` the
     same number of query heads from every group), width, layers (whole blocks), experts
     (MoE experts, router resized). ``ratio``: fraction of units removed, in [0, 1).
-    ``method``: the group score (see :data:`prunekit.structural.scores.GROUP_SCORES`).
+    ``method``: the group score (see :data:`prunekit.structural.scores.GROUP_SCORES`); None
+    picks one by the structure and the model (:func:`default_method`): block influence for
+    layers, routing frequency for experts, FLAP for language models (measured: the data-free
+    ``l2`` is worse than random on SmolLM2) and ``l2`` for other networks (CNNs).
     ``allocation``: ``uniform`` (every group loses ``ratio`` of its units) or ``global``
     (one threshold over scores normalised per group). ``overrides``: ``(regex, ratio)``
     pairs; the first whose regex matches a group's name sets that group's ratio.
@@ -35,7 +38,7 @@ class StructureConfig:
 
     structure: str = "channels"
     ratio: float = 0.5
-    method: str = "l2"
+    method: str | None = None
     allocation: str = "uniform"
     overrides: tuple[tuple[str, float], ...] = ()
     ignore: tuple[str, ...] = ()
@@ -49,7 +52,8 @@ class StructureConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", str(self.method).replace("-", "_"))
+        if self.method is not None:
+            object.__setattr__(self, "method", str(self.method).replace("-", "_"))
         object.__setattr__(self, "overrides", tuple((str(p), float(r)) for p, r in self.overrides))
         object.__setattr__(self, "ignore", tuple(self.ignore))
         if self.structure not in STRUCTURES:
@@ -72,7 +76,9 @@ class StructureConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         # validated here so a bad name fails before anything is loaded
-        if self.structure == "layers":
+        if self.method is None:
+            pass
+        elif self.structure == "layers":
             from .layers import LAYER_SCORES
 
             LAYER_SCORES.get(self.method)
@@ -87,8 +93,14 @@ class StructureConfig:
 
     @classmethod
     def create(cls, structure: str, ratio: float, method: str | None = None, **kw: Any) -> StructureConfig:
-        """A config with the structure's default method when ``method`` is None."""
-        return cls(structure=structure, ratio=ratio, method=method or DEFAULT_METHOD.get(structure, "l2"), **kw)
+        """A config; ``method`` None is resolved by :func:`default_method` when pruning."""
+        return cls(structure=structure, ratio=ratio, method=method, **kw)
+
+    def resolved(self, model: Any) -> StructureConfig:
+        """This config with ``method`` filled in for ``model`` (see :func:`default_method`)."""
+        from dataclasses import replace
+
+        return self if self.method is not None else replace(self, method=default_method(self.structure, model))
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -129,6 +141,16 @@ class StructureConfig:
             return cls.from_dict(yaml.safe_load(Path(path).read_text()))
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read recipe {path}: {exc}") from exc
+
+
+def default_method(structure: str, model: Any) -> str:
+    """The score a structure uses when none is given: by the structure for layers and experts;
+    for units, ``flap`` on language models (Hugging Face models with input embeddings) and
+    ``l2`` on other networks."""
+    if structure in DEFAULT_METHOD:
+        return DEFAULT_METHOD[structure]
+    is_lm = hasattr(model, "config") and callable(getattr(model, "get_input_embeddings", None))
+    return "flap" if is_lm else "l2"
 
 
 def _regex(pattern: str) -> None:

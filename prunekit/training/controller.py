@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..masking import Masker, prunable_parameters, sparsity_report
+from ..masking import Masker, prunable_parameters, sparsity_report, transposed_names
 from ..schedules.base import PruneContext, TrainingSchedule
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ class SparsityController:
             self.masker.capture_dense_grads = schedule.needs_dense_grads(1)
 
     def _context(self) -> PruneContext:
-        return PruneContext(self.params, self.masker.masks, self.generator, self.masker.dense_grads, self.units)
+        return PruneContext(self.params, self.masker.masks, self.generator, self.masker.dense_grads, self.units,
+                            transposed_names(self.model, self.params))
 
     def _install(self, masks: Mapping[str, Tensor] | None) -> None:
         if masks is None:
