@@ -43,8 +43,10 @@ class Group:
     (Linear hidden units), heads (attention; a unit is one key/value head with its query
     heads), or width (a residual stream: embedding/hidden width). ``inexact``: removing a
     unit changes a normalisation statistic, so the pruned model is close to, not equal to,
-    the masked one. ``sub_units`` (heads with grouped-query attention): per unit, its query
-    heads as member tuples, for query-head pruning.
+    the masked one (for heads: removing a key/value group or one of its query heads).
+    ``sub_units`` (heads with grouped-query attention): per unit, its query heads as member
+    tuples, for query-head pruning. A heads group may have a single unit (one key/value head
+    shared by every query head, as in Gemma 3): only its query heads can go.
     """
 
     name: str
@@ -102,6 +104,7 @@ def groups_from_trace(trace: Trace, model: nn.Module, ignore: tuple[str, ...] = 
     sub_roots = trace.uf.roots(skip=frozenset({"kv"}))
     role = {r: set(roots[_ids_of(trace, r)].tolist()) for r in ("producers", "frozen", "heads")}
     role["inexact"] = _inexact(trace, roots)
+    sub_inexact = _inexact(trace, sub_roots)  # a norm over several query heads of one group
     kv_sub = set(sub_roots[_ids_of(trace, "kv")].tolist())
     eligible = np.zeros(trace.uf.size, dtype=bool)
     eligible[list(role["producers"] - role["frozen"])] = True
@@ -130,17 +133,14 @@ def groups_from_trace(trace: Trace, model: nn.Module, ignore: tuple[str, ...] = 
     order = {name: i for i, name in enumerate(trace.param_ids)}  # first use = execution order
     groups = []
     for comps in families.values():
-        if len(comps) < 2:
-            continue
         comps.sort(key=lambda c: min(m.index[0] for m in members[c]))
         units = [tuple(sorted(members[c], key=lambda m: (m.param, m.dim))) for c in comps]
         kind = _kind(units[0], modules, heads=comps[0] in role["heads"])
-        sub_units = []
-        if kind == "heads":
-            sub_units = [[tuple(v) for _, v in sorted(subs[c].items())] for c in comps]
-            if all(len(s) <= 1 for s in sub_units):
-                sub_units = []
-        groups.append(Group(_name(units[0], order), kind, units, any(c in role["inexact"] for c in comps), sub_units))
+        sub_units = _sub_units(comps, subs) if kind == "heads" else []
+        if len(comps) < 2 and not sub_units:
+            continue  # the only unit cannot go; a single key/value head can still lose query heads
+        inexact = any(c in role["inexact"] or not sub_inexact.isdisjoint(subs.get(c, ())) for c in comps)
+        groups.append(Group(_name(units[0], order), kind, units, inexact, sub_units))
     counts: dict[str, int] = defaultdict(int)
     for g in groups:
         counts[g.name] += 1
@@ -149,6 +149,12 @@ def groups_from_trace(trace: Trace, model: nn.Module, ignore: tuple[str, ...] = 
             g.name = _name(g.units[0], order, prefix=False)
     groups.sort(key=lambda g: _order(g.name))
     return groups
+
+
+def _sub_units(comps: list[int], subs: dict[int, dict[int, list[Member]]]) -> list[list[tuple[Member, ...]]]:
+    """Per key/value unit, its query heads; empty when every unit has at most one."""
+    sub_units = [[tuple(v) for _, v in sorted(subs[c].items())] for c in comps]
+    return sub_units if any(len(s) > 1 for s in sub_units) else []
 
 
 def _split_by(labels: np.ndarray, mask: np.ndarray) -> list[tuple[int, np.ndarray]]:

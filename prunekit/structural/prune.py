@@ -125,6 +125,10 @@ def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: Cal
                 raise ConfigError(f"{g.name} has one query head per key/value head; use heads='kv' there")
         pools = [[s for u in g.sub_units for s in u] for g in groups]
     else:
+        for g in groups:
+            if g.kind == "heads" and len(g) == 1:
+                raise ConfigError(f"{g.name} has one key/value head, which cannot be removed: use --heads query "
+                                  "(heads='query') to prune its query heads")
         pools = [g.units for g in groups]
     scores = [_finite(s, g.name) for s, g in zip(_score_all(score, pools, ctx, data), groups)]
     if cfg.structure == "heads" and cfg.heads == "query":

@@ -184,6 +184,10 @@ def matmul(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
                 tr.trace.mark("kv", s)
         if len(reps) == 2:
             tr.trace.uf.couple(reps[False], reps[True], kind="kv")
+        # an operand with units but none along the batch axes: one head shared by all of them
+        for f, is_b in tagged:
+            if (not is_b) in reps and not set(varying(_pad(f, nd))) & batch and not _is_param(tr, b if is_b else a):
+                _shared_head(tr, f, reps[not is_b])
         facets.append(next(iter(reps.values())).unsqueeze(-1))
     if not heads:
         for f in fa:
@@ -198,6 +202,19 @@ def matmul(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
             if a.ndim - 1 in varying(f) and set(varying(f)) - {a.ndim - 1}:
                 raise StructureError(f"{name} mixes unit axes (in {tr.where()!r})")
     tr.set(out, facets)
+
+
+def _shared_head(tr: Any, f: Tensor, heads: Tensor) -> None:
+    """One key/value head broadcast over every query head (multi-query attention, or
+    ``repeat_kv``'s expand of a single head): its ids ``f`` are one unit, coupled with each
+    query head of ``heads`` ``(..., H, 1)`` with kind "kv", as scaled_dot_product_attention does."""
+    ids = f[f >= 0]  # (n,), without padding
+    if ids.numel() == 0:
+        return
+    tr.trace.uf.couple(ids, ids[:1])
+    tr.trace.uf.couple(heads.reshape(-1), ids[:1], kind="kv")
+    tr.trace.mark("heads", ids)
+    tr.trace.mark("kv", ids)
 
 
 @rule("addmm", "baddbmm", "addbmm")
