@@ -7,7 +7,9 @@ the same machine.
 
 What it measures:
   * ``seconds``: wall time of the ``oneshot`` call only (``time.perf_counter``);
-  * ``peak_rss_mb``: peak resident memory of the process right after ``oneshot``;
+  * ``peak_rss_mb``: peak resident memory of the whole process (loading, ``oneshot`` and
+    saving), as prunekit's CLI reports it; ``oneshot_peak_rss_mb``: the peak right after
+    ``oneshot``, before saving;
   * ``sparsity``: the measured fraction of zeros over the decoder blocks' Linear weights
     (prunekit's ``sparsity_report``, so it counts the same weights prunekit does);
   * ``total_seconds``: the whole run, imports, loading and saving included.
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace, start: float) -> dict[str, Any]:
             num_calibration_samples=args.nsamples, max_seq_length=args.seqlen,
             shuffle_calibration_samples=False)
     seconds = time.perf_counter() - t0
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    oneshot_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
     nm = (2, 4) if args.pattern == "2:4" else None
     report = sparsity_report(model, nm=nm)
@@ -97,11 +99,13 @@ def run(args: argparse.Namespace, start: float) -> dict[str, Any]:
     vars(model).pop("save_pretrained", None)
     model.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the whole process, save included
 
     result: dict[str, Any] = {
         "tool": "llmcompressor", "version": llmcompressor.__version__, "method": args.method,
         "pattern": args.pattern, "target_sparsity": args.sparsity, "sparsity": report["sparsity"],
         "seconds": round(seconds, 2), "peak_rss_mb": round(peak_rss_mb, 1),
+        "oneshot_peak_rss_mb": round(oneshot_peak_rss_mb, 1),
         "total_seconds": round(time.perf_counter() - start, 2),
         "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
         "model": source, "output": args.output, "settings": settings,

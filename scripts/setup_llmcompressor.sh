@@ -8,5 +8,5 @@ PY=${PYTHON:-python3}
 echo "torch==2.13.0" > .venv-llmc/constraints.txt
 PIP=(.venv-llmc/bin/python -m pip install --quiet --disable-pip-version-check -c .venv-llmc/constraints.txt)
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" llmcompressor==0.14.0.1 accelerate safetensors pyyaml tqdm
+"${PIP[@]}" llmcompressor==0.14.0.1 accelerate safetensors pyyaml tqdm greenlet
 "${PIP[@]}" --no-deps -e .

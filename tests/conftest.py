@@ -13,6 +13,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ASSETS = Path(__file__).resolve().parent.parent / "prunekit" / "assets"
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip cleanly on machines without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
 def tiny_config(family: str, vocab: int = 256):
     """A tiny random config of a model family; every in-feature is divisible by 8."""
     import transformers as tf

@@ -94,3 +94,32 @@ def test_recipe_replays_the_same_masks(capsys, tiny_llama_dir, tmp_path):
 def test_missing_recipe(capsys, tiny_llama_dir, tmp_path):
     code, _, err = run(capsys, "prune", tiny_llama_dir, "--recipe", tmp_path / "r.yaml", "--output", tmp_path / "o")
     assert code == 2 and "does not exist" in err
+
+
+def test_ctrl_c_exits_promptly_with_one_line_and_writes_nothing(tiny_llama_dir, tmp_path):
+    """SIGINT in the middle of calibration: exit 130 within seconds, one line on stderr, no
+    traceback, no output directory and no temporary directory left behind."""
+    import os
+    import signal
+    import time
+
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "prunekit.cli", "prune", str(tiny_llama_dir), "--method", "sparsegpt",
+           "--nsamples", "3000", "--seqlen", "64", "--output", str(out_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = ""
+    deadline = time.time() + 120
+    while "pruning (sparsegpt)" not in seen and time.time() < deadline:  # the progress bar of the block loop
+        seen += proc.stderr.read(1)
+    assert "pruning (sparsegpt)" in seen, seen[-2000:]
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 10
+    assert proc.returncode == 130
+    lines = [ln for ln in (seen + err).replace("\r", "\n").splitlines() if ln.startswith("prunekit:")]
+    assert lines == ["prunekit: interrupted (no partial output is ever left behind)"]
+    assert "Traceback" not in err and "terminate" not in err
+    assert not out_dir.exists() and list(tmp_path.iterdir()) == []

@@ -81,3 +81,23 @@ def test_ordering_at_benchmark_scale(smol, pattern, tmp_path):
     print(f"\n{pattern}: dense {dense:.2f} " + " ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
     assert dense < ppl["sparsegpt"] and dense < ppl["wanda"]
     assert ppl["sparsegpt"] < 0.5 * ppl["magnitude"] and ppl["wanda"] < 0.5 * ppl["magnitude"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_bf16_prunes_within_two_percent_of_float32(smol, method):
+    """A bfloat16 model is pruned in bfloat16 (statistics in float32) to the perplexity of the
+    float32 run on the same data, within 2%."""
+    model, tok = smol
+    eval_ids = tokenize(tok, load_text("default", "eval"))[: 8 * 256]
+    calib = calibration_windows(tokenize(tok, load_text("default", "calib")), 8, 256, seed=0)
+    cfg = PruneConfig.from_method(method, calibration=Calibration(8, 256))
+    ppl = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        pruned = copy.deepcopy(model).to(dtype)
+        prune(pruned, cfg, calib, progress=False)
+        assert pruned.model.layers[3].mlp.up_proj.weight.dtype == dtype
+        ppl[dtype] = perplexity(pruned.float(), eval_ids, seqlen=256, progress=False).perplexity
+        del pruned
+    print(f"\n{method}: float32 {ppl[torch.float32]:.3f} bfloat16 {ppl[torch.bfloat16]:.3f}")
+    assert ppl[torch.bfloat16] == pytest.approx(ppl[torch.float32], rel=0.02)

@@ -28,7 +28,8 @@ class Segment:
 
 @dataclass(frozen=True)
 class GroupProblem:
-    """Layers sharing one input, stacked along rows: ``weight`` is (sum of outs, in) float32.
+    """Layers sharing one input, stacked along rows: ``weight`` is (sum of outs, in), in any
+    float dtype (reconstructions compute in float32 and return the weight's own dtype).
 
     ``inputs``: the running statistics of that input (the Hessian ``X^T X / n`` and its
     cached inverse factor), or None for data-free pruning.

@@ -78,4 +78,4 @@ def sparsegpt(problem: GroupProblem) -> tuple[Tensor, Tensor]:
         pruned[:, i1:i2] = mask_t.t()
         if i2 < in_f:
             weight[:, i2:].addmm_(err_t.t(), upper[i1:i2, i2:], alpha=-1.0)
-    return weight, pruned
+    return weight.to(problem.weight.dtype), pruned

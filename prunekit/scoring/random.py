@@ -9,4 +9,4 @@ from .base import LayerStats, register_score
 def random(weight: Tensor, stats: LayerStats) -> Tensor:
     # Drawn on the CPU so a seed gives the same mask on every device.
     scores = torch.rand(weight.shape, generator=stats.generator, dtype=torch.float32)
-    return scores.to(weight.device)  # (out, in)
+    return scores.to(device=weight.device, dtype=weight.dtype)  # (out, in)

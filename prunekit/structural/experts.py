@@ -60,7 +60,7 @@ def frequency(model: nn.Module, layers: list[MoELayer], data: CalibrationData | 
     watched while the sequential runner computes each block."""
     if not data:
         raise ConfigError("expert frequency needs calibration data (--calib TEXT or data=...)")
-    mass = [torch.zeros(layer.count, dtype=torch.float64) for layer in layers]
+    mass = [torch.zeros(layer.count, dtype=torch.float64, device=layer.router.weight.device) for layer in layers]
     index = {id(layer.router): i for i, layer in enumerate(layers)}
 
     def record(module: nn.Module, args: tuple, out: Any) -> None:
@@ -68,14 +68,14 @@ def frequency(model: nn.Module, layers: list[MoELayer], data: CalibrationData | 
         if not (isinstance(out, tuple) and len(out) == 3):
             raise StructureError(f"router of {layers[i].name} does not return (logits, weights, indices)")
         _, weights, indices = out
-        mass[i].index_add_(0, indices.reshape(-1).cpu(), weights.reshape(-1).double().detach().cpu())
+        mass[i].index_add_(0, indices.reshape(-1).to(mass[i].device), weights.reshape(-1).double().detach().to(mass[i].device))
 
     def hooks(i: int, block: nn.Module) -> list[Any]:
         return [m.register_forward_hook(record) for m in block.modules() if id(m) in index]
 
     run_sequential(model, data, block_list(model), [{} for _ in range(_block_count(model))], lambda n, s: None,
                    modifies=False, options=options, observer=Observer(hooks=hooks))
-    return [m.float() for m in mass]
+    return [m.float().cpu() for m in mass]
 
 
 def _block_count(model: nn.Module) -> int:
@@ -112,9 +112,9 @@ def remove_experts(model: nn.Module, layer: MoELayer, drop: list[int]) -> None:
             for p in experts.parameters(recurse=False):
                 if p.shape[0] != n:
                     raise StructureError(f"{layer.name}.experts has a parameter whose first dim is not {n} experts")
-                p.data = p.data.index_select(0, keep).contiguous()
+                p.data = p.data.index_select(0, keep.to(p.device)).contiguous()
         for p in layer.router.parameters(recurse=False):
-            p.data = p.data.index_select(0, keep).contiguous()
+            p.data = p.data.index_select(0, keep.to(p.device)).contiguous()
     for m in (layer.module, layer.router, experts):
         for attr in EXPERT_ATTRS:
             if isinstance(getattr(m, attr, None), int):

@@ -50,7 +50,7 @@ def remove_units(model: nn.Module, units: Iterable[tuple[Member, ...]]) -> dict[
     with torch.no_grad():
         for (name, dim), drop in sorted(plan.items()):
             t = _tensor(model, name)
-            keep = torch.tensor(sorted(set(range(t.shape[dim])) - drop), dtype=torch.long)
+            keep = torch.tensor(sorted(set(range(t.shape[dim])) - drop), dtype=torch.long, device=t.device)
             if keep.numel() == 0:
                 raise StructureError(f"removal would leave {name} with no entries along dim {dim}")
             t.data = t.data.index_select(dim, keep).contiguous()
@@ -66,7 +66,7 @@ def mask_units(model: nn.Module, units: Iterable[tuple[Member, ...]]) -> nn.Modu
     with torch.no_grad():
         for (name, dim), drop in drop_plan(units).items():
             t = _tensor(masked, name)
-            t.index_fill_(dim, torch.tensor(sorted(drop), dtype=torch.long), 0.0)
+            t.index_fill_(dim, torch.tensor(sorted(drop), dtype=torch.long, device=t.device), 0.0)
     return masked
 
 
@@ -162,7 +162,7 @@ def masked_units(groups: Iterable[Any], masks: dict[str, Tensor]) -> list[tuple[
     for g in groups:
         for unit in getattr(g, "units", g):
             inside = [m for m in unit if m.param in masks]
-            if inside and all(bool(masks[m.param].index_select(m.dim, torch.tensor(m.index)).all()) for m in inside):
+            if inside and all(bool(masks[m.param].index_select(m.dim, torch.tensor(m.index, device=masks[m.param].device)).all()) for m in inside):
                 out.append(unit)
     return out
 

@@ -64,8 +64,8 @@ class MaskedLoRALinear(nn.Module):
             raise ConfigError(f"LoRA rank {rank} must be >= 1")
         self.base = base.requires_grad_(False)
         self.register_buffer("keep", ~pruned.to(torch.bool))  # (out, in)
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype))  # (r, in)
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))  # (out, r)
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device))  # (r, in)
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scale = alpha / rank
 
