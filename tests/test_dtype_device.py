@@ -116,21 +116,13 @@ def test_every_unit_score_on_a_bf16_model(method, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", LAYER_SCORES.names())
-def test_every_layer_score_on_device(method, device):
-    model = tiny_model("llama").to(device)
+@pytest.mark.parametrize("structure,method", [("layers", m) for m in LAYER_SCORES.names()]
+                         + [("experts", m) for m in EXPERT_SCORES.names()])
+def test_every_layer_and_expert_score_on_device(structure, method, device):
+    model = (tiny_model("llama") if structure == "layers" else tiny_moe("mixtral")).to(device)
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-    r = prune_structure(model, StructureConfig("layers", 0.5, method), data=ids)
-    assert r.report["groups"][0]["removed"] == 1
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", EXPERT_SCORES.names())
-def test_every_expert_score_on_device(method, device):
-    model = tiny_moe("mixtral").to(device)
-    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-    r = prune_structure(model, StructureConfig("experts", 0.5, method), data=ids)
-    assert all(g["removed"] == 2 for g in r.report["groups"])
+    r = prune_structure(model, StructureConfig(structure, 0.5, method), data=ids)
+    assert all(g["removed"] == (1 if structure == "layers" else 2) for g in r.report["groups"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
