@@ -1,9 +1,11 @@
-"""The public Python API: ``prune(model, config, data) -> PruneResult``, plus load/evaluate."""
+"""The public Python API: ``run(recipe, model)`` and its one-stage shorthand ``prune``, plus
+``load`` / ``save`` / ``evaluate_perplexity``. Every call returns one
+:class:`~prunekit.result.Result`."""
 from __future__ import annotations
 
+import json
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,39 +14,38 @@ from torch import Tensor, nn
 from .calibration.text import calibration_windows, load_text, tokenize
 from .config import PruneConfig
 from .errors import ConfigError
-from .evaluate import Perplexity, peak_rss_mb, perplexity, sparsity_report
-from .export import save_pretrained
+from .evaluate import Perplexity, perplexity
+from .export import REPORT_FILE, RECIPE_FILE, save
 from .models.loading import load_model
 from .models.placement import parse_device, place
-from .schedules import prune_oneshot
+from .recipe import Recipe, one_stage, stage_kind, stage_to_dict
+from .result import PruneResult, Result
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PruneResult:
-    """A pruned model (pruned in place), the recipe that produced it, and its report."""
+def load(model: str, *, device: Any = None, dtype: Any = "auto") -> Result:
+    """Load a model from a local dir (a saved result included), hub id, .gguf file or
+    ``default``, in ``dtype`` (``auto``: as stored, or float32/bfloat16/float16), with the
+    recipe, report and history it was saved with. With ``device`` (``auto``, ``cpu``,
+    ``cuda``, ``cuda:N``) the model moves there if it fits; otherwise it stays in CPU memory and
+    pruning moves one block at a time (pass the same ``device`` to :func:`prune`).
 
-    model: nn.Module
-    config: PruneConfig
-    report: dict[str, Any]
-    tokenizer: Any = field(default=None, repr=False)
-
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Save as a Hugging Face directory with ``prunekit_recipe.yaml`` and ``prunekit_report.json``."""
-        return save_pretrained(self.model, self.tokenizer, path, recipe_yaml=self.config.to_yaml(),
-                               report=self.report, overwrite=overwrite)
-
-
-def load(model: str, *, device: Any = None, dtype: Any = "auto") -> tuple[nn.Module, Any]:
-    """Load (model, tokenizer) from a local dir, hub id, .gguf file or ``default``, in
-    ``dtype`` (``auto``: as stored, or float32/bfloat16/float16). With ``device`` (``auto``,
-    ``cpu``, ``cuda``, ``cuda:N``) the model moves there if it fits; otherwise it stays in CPU
-    memory and pruning moves one block at a time (pass the same ``device`` to :func:`prune`)."""
-    m, tok, _ = load_model(model, dtype)
+    Unpacks as ``model, tokenizer = prunekit.load(...)``."""
+    m, tok, source = load_model(model, dtype)
     if device is not None:
         place(m, parse_device(device))
-    return m, tok
+    recipe, report = None, {}
+    folder = Path(source)
+    if (folder / RECIPE_FILE).is_file():
+        recipe = Recipe.from_yaml(folder / RECIPE_FILE)
+    if (folder / REPORT_FILE).is_file():
+        try:
+            report = json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            log.warning("%s is not valid JSON; loading without the report", folder / REPORT_FILE)
+    history = [{"kind": stage_kind(s), "config": stage_to_dict(s)} for s in recipe.stages] if recipe else []
+    return Result(m, recipe, report, history, tok)
 
 
 def as_config(config: PruneConfig | str | dict[str, Any] | None) -> PruneConfig:
@@ -68,41 +69,52 @@ def calibration_data(tokenizer: Any, text: str, config: PruneConfig) -> Tensor:
     return calibration_windows(tokenize(tokenizer, load_text(text, "calib")), c.nsamples, c.seqlen, c.seed)
 
 
-def prune(model: nn.Module | str, config: PruneConfig | str | dict[str, Any] | None = None,
-          data: Any = None, *, tokenizer: Any = None, progress: bool = True, device: Any = None,
-          dtype: Any = "auto") -> PruneResult:
-    """Prune ``model`` in place and report.
-
-    ``model``: an nn.Module (HF causal LM) or a MODEL spec string (loaded in ``dtype``).
-    ``config``: PruneConfig, method name, recipe dict or YAML path. ``data``: a
-    :class:`~prunekit.calibration.CalibrationData`, (nsamples, seqlen) token ids, or a text
-    spec (file, ``default``, hub dataset) tokenised with ``tokenizer``. ``device``: where
-    blocks compute (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default: where the model is);
-    a model in CPU memory stays there and each block visits the device in turn.
-    """
-    cfg = as_config(config)
+def _model(model: nn.Module | str | Result, dtype: Any, tokenizer: Any) -> tuple[nn.Module, Any, Result | None]:
+    if isinstance(model, Result):
+        return model.model, tokenizer or model.tokenizer, model
     if isinstance(model, str):
-        model, loaded_tok, _ = load_model(model, dtype)
-        tokenizer = tokenizer or loaded_tok
+        loaded = load(model, dtype=dtype)
+        return loaded.model, tokenizer or loaded.tokenizer, loaded if loaded.recipe is not None else None
+    return model, tokenizer, None
+
+
+def run(recipe: Recipe | str | Path | dict[str, Any], model: nn.Module | str | Result, data: Any = None, *,
+        tokenizer: Any = None, progress: bool = True, device: Any = None, dtype: Any = "auto") -> Result:
+    """Run every stage of ``recipe`` (a Recipe, YAML path or text, or dict) on ``model`` in place.
+
+    ``model``: an nn.Module, a MODEL spec string (loaded in ``dtype``), or a previous Result
+    (its stages are continued). ``data``: calibration data instead of the recipe's text: a
+    :class:`~prunekit.calibration.CalibrationData`, (N, T) token ids, or anything
+    :func:`~prunekit.calibration.as_calibration` takes. ``device``: where blocks compute
+    (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default: where the model is)."""
+    from .pipeline import run as run_pipeline
+
+    if isinstance(recipe, dict):
+        recipe = Recipe.from_dict(recipe)
+    elif not isinstance(recipe, Recipe):
+        recipe = Recipe.from_yaml(recipe)
+    module, tokenizer, previous = _model(model, dtype, tokenizer)
     if device is not None:
-        device = place(model, parse_device(device))
+        device = place(module, parse_device(device))
     if isinstance(data, str):
-        data = calibration_data(tokenizer, data, cfg) if cfg.needs_data else None
-    start = time.perf_counter()
-    outcome = prune_oneshot(model, cfg, data, progress=progress, device=device)
-    seconds = time.perf_counter() - start
-    nm = (cfg.pattern.n, cfg.pattern.m) if cfg.pattern.kind == "nm" else None
-    report = sparsity_report(model, nm=nm, ignore=cfg.target.ignore)
-    for name, amount in outcome.amounts.items():
-        report["layers"][name]["allocated"] = amount
-    if outcome.unreached:
-        report["unreached"] = outcome.unreached
-    weight = next(model.parameters())
-    report.update(seconds=seconds, peak_rss_mb=peak_rss_mb(), method=cfg.method, pattern=str(cfg.pattern),
-                  allocation=cfg.allocation.name, target_sparsity=cfg.sparsity, dtype=str(weight.dtype).split(".")[-1],
-                  device=str(device if device is not None else weight.device))
-    log.info("pruned to %.4f sparsity in %.1f s", report["sparsity"], seconds)
-    return PruneResult(model, cfg, report, tokenizer)
+        recipe = Recipe(recipe.stages, replace(recipe.calibration, text=data))
+        data = None
+    return run_pipeline(recipe, module, tokenizer=tokenizer, data=data, device=device, progress=progress,
+                        previous=previous)
+
+
+def prune(model: nn.Module | str | Result, config: Any = None, data: Any = None, *, tokenizer: Any = None,
+          progress: bool = True, device: Any = None, dtype: Any = "auto") -> Result:
+    """Prune ``model`` in place with one stage and report: the one-stage shorthand of :func:`run`.
+
+    ``config``: a PruneConfig (weights), a StructureConfig (structure), a method name, a recipe
+    dict or YAML path. ``data``: calibration data, or a text spec tokenised with ``tokenizer``.
+    """
+    from .structural import StructureConfig
+
+    stage = config if isinstance(config, StructureConfig) else as_config(config)
+    recipe = one_stage(stage)
+    return run(recipe, model, data, tokenizer=tokenizer, progress=progress, device=device, dtype=dtype)
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer: Any, text: str = "default", *, seqlen: int = 512,
@@ -111,4 +123,5 @@ def evaluate_perplexity(model: nn.Module, tokenizer: Any, text: str = "default",
     return perplexity(model, tokenize(tokenizer, load_text(text, "eval")), seqlen, max_tokens, progress)
 
 
-__all__ = ["PruneResult", "prune", "load", "as_config", "calibration_data", "evaluate_perplexity"]
+__all__ = ["Result", "PruneResult", "run", "prune", "load", "save", "as_config", "calibration_data",
+           "evaluate_perplexity"]

@@ -273,4 +273,11 @@ class PruneConfig:
             raise ConfigError(f"recipe is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError("recipe must be a YAML mapping")
+        if "stages" in data:  # a staged recipe: its one weights stage
+            from .recipe import Recipe
+
+            stages = [s for s in Recipe.from_dict(data).stages if isinstance(s, cls)]
+            if len(stages) != 1:
+                raise ConfigError(f"this recipe has {len(stages)} weights stages; read it with prunekit.Recipe.from_yaml")
+            return stages[0]
         return cls.from_dict(data.get("prunekit_recipe", data))

@@ -14,6 +14,7 @@ from ..errors import OutputError
 
 RECIPE_FILE = "prunekit_recipe.yaml"
 REPORT_FILE = "prunekit_report.json"
+WEIGHTS_FILE = "model.safetensors"
 
 
 def check_output(path: str | Path, overwrite: bool = False) -> Path:
@@ -29,19 +30,35 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def save_pretrained(model: nn.Module, tokenizer: Any, path: str | Path, *, recipe_yaml: str,
-                    report: dict[str, Any], overwrite: bool = False) -> Path:
-    """Write model (safetensors), tokenizer, recipe and report to ``path`` atomically."""
+def save(result: Any, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a :class:`~prunekit.result.Result` to ``path`` atomically: a Hugging Face directory
+    (weights, config, tokenizer) for HF models, ``model.safetensors`` for plain PyTorch ones;
+    ``prunekit_recipe.yaml`` (every stage that produced the model, replayable);
+    ``prunekit_report.json``; and, when the architecture changed, ``prunekit_structure.json``
+    (every tensor's shape; written non-uniform only when no config describes the model)."""
+    from .structure import STRUCTURE_FILE, fit_hf_config, structure_record
+
     out = check_output(path, overwrite)
+    model = result.model
+    is_hf = hasattr(model, "save_pretrained") and hasattr(model, "config")
+    uniform = fit_hf_config(model) if is_hf else False
+    structural = any(h.get("kind") == "structure" for h in result.history)
+    record = structure_record(model, uniform) if (structural or not uniform) else None
+    recipe_yaml = result.recipe.to_yaml() if result.recipe is not None else None
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        structure = getattr(model, "prunekit_structure", None)
-        if structure is not None:  # a structurally pruned model: keep what rebuilds it
-            (tmp / "prunekit_structure.json").write_text(json.dumps(structure, indent=1) + "\n", encoding="utf-8")
+        if is_hf:
+            model.save_pretrained(tmp)
+            if result.tokenizer is not None:
+                result.tokenizer.save_pretrained(tmp)
+        else:
+            from safetensors.torch import save_model
+
+            save_model(model, str(tmp / WEIGHTS_FILE))
+        if record is not None:
+            (tmp / STRUCTURE_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        if recipe_yaml is not None:
+            (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
+        (tmp / REPORT_FILE).write_text(json.dumps(result.report, indent=2, default=str) + "\n", encoding="utf-8")
 
     return write_dir_atomically(out, write, replace=True)

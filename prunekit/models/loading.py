@@ -105,7 +105,7 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto") -> tuple[nn.Module,
     :func:`prunekit.models.placement.parse_dtype`). The tokenizer is None if the model has none."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..export.structure import load_structured, read_record
+    from .rebuild import load_structured, read_record
     from .placement import parse_dtype
 
     dtype = parse_dtype(dtype)

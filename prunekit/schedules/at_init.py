@@ -55,7 +55,7 @@ class InitScore:
     iterative: bool = False
 
 
-INIT_SCORES: Registry[InitScore] = Registry("score at initialisation")
+INIT_SCORES: Registry[InitScore] = Registry("score at initialisation", "init_scores")
 
 
 def register_init_score(name: str, *, needs: Literal["data", "input", "nothing"], default_allocation: str = "global",

@@ -138,9 +138,17 @@ class StructureConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> StructureConfig:
         try:
-            return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+            data = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read recipe {path}: {exc}") from exc
+        if isinstance(data, dict) and "stages" in data:  # a staged recipe: its one structure stage
+            from ..recipe import Recipe
+
+            stages = [s for s in Recipe.from_dict(data).stages if isinstance(s, cls)]
+            if len(stages) != 1:
+                raise ConfigError(f"this recipe has {len(stages)} structure stages; read it with prunekit.Recipe.from_yaml")
+            return stages[0]
+        return cls.from_dict(data)
 
 
 def default_method(structure: str, model: Any) -> str:

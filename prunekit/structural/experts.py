@@ -50,7 +50,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
 #: score(model, MoE layers, calibration data or None, generator, runner options) -> per layer (experts,)
 ExpertScore = Callable[[nn.Module, list[MoELayer], "CalibrationData | None", torch.Generator, RunOptions],
                        list[Tensor]]
-EXPERT_SCORES: Registry[ExpertScore] = Registry("expert score")
+EXPERT_SCORES: Registry[ExpertScore] = Registry("expert score", "expert_scores")
 
 
 @EXPERT_SCORES.register("frequency")

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 #: score(model, calibration data or None, generator, runner options) -> (blocks,)
 BlockScore = Callable[[nn.Module, "CalibrationData | None", torch.Generator, RunOptions], Tensor]
-LAYER_SCORES: Registry[BlockScore] = Registry("layer score")
+LAYER_SCORES: Registry[BlockScore] = Registry("layer score", "layer_scores")
 
 
 @LAYER_SCORES.register("block_influence")

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +12,8 @@ from ..calibration import CalibrationData, RunOptions, as_calibration
 from ..calibration.data import LossFn
 from ..calibration.gradients import loss_gradients
 from ..errors import ConfigError, StructureError
+from ..recipe import one_stage
+from ..result import Result, StructureResult  # noqa: F401 (StructureResult: the old name)
 from .config import StructureConfig
 from .graph import Graph, Group, Member, build_graph
 from .remove import remove_units
@@ -24,31 +24,13 @@ from .stats import input_moments
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class StructureResult:
-    """The pruned model (pruned in place), its recipe, its report, and what saving needs to
-    rebuild it: ``record`` holds every tensor's shape and the module attributes changed."""
-
-    model: nn.Module
-    config: StructureConfig
-    report: dict[str, Any]
-    record: dict[str, Any]
-    tokenizer: Any = field(default=None, repr=False)
-
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        from ..export.structure import save_structured
-
-        return save_structured(self.model, path, record=self.record, recipe_yaml=self.config.to_yaml(),
-                               report=self.report, tokenizer=self.tokenizer, overwrite=overwrite)
-
-
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = None, example_inputs: Any = None,
                     loss_fn: LossFn | None = None, tokenizer: Any = None, progress: bool = False,
-                    device: Any = None) -> StructureResult:
+                    device: Any = None) -> Result:
     """Remove ``config.ratio`` of the chosen structure from ``model`` in place.
 
     ``data``: calibration data for data-aware scores: a
@@ -91,13 +73,10 @@ def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = No
         "graph_seconds": graph.seconds, "groups": summary,
         "exact": not any(g.get("inexact") for g in summary),
     }
-    record = {"shapes": {n: list(t.shape) for n, t in _tensors(model)}, "attrs": attrs, "config": config_changes}
+    report["config_changes"] = config_changes
     log.info("removed %s: %d -> %d params in %.1f s", config.structure, params_before, report["params_after"], seconds)
-    return StructureResult(model, config, report, record, tokenizer)
-
-
-def _tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
-    return list(model.state_dict(keep_vars=True).items())
+    history = [{"kind": "structure", "config": config.to_dict()["structural"], "seconds": seconds}]
+    return Result(model, one_stage(config), report, history, tokenizer)
 
 
 def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: CalibrationData | None,

@@ -68,7 +68,7 @@ class GroupScore:
         return self.fn(units, ctx)
 
 
-GROUP_SCORES: Registry[GroupScore] = Registry("structural score")
+GROUP_SCORES: Registry[GroupScore] = Registry("structural score", "unit_scores")
 
 
 def register(name: str, needs: tuple[str, ...] = (), structures: frozenset[str] = UNIT_STRUCTURES):

@@ -1,0 +1,178 @@
+"""What each ``prunekit`` command does, once :mod:`prunekit.cli` has parsed its flags."""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+log = logging.getLogger("prunekit")
+
+#: the JSON fields of ``prune`` per stage kind (the contract scripts read)
+PRUNE_FIELDS = {
+    "weights": ("method", "pattern", "allocation", "target_sparsity", "sparsity", "params_total", "params_nonzero",
+                "seconds", "nm_valid", "unreached"),
+    "structure": ("structure", "ratio", "method", "params_before", "params_after", "macs_before", "macs_after",
+                  "seconds", "exact", "latency_ms_before", "latency_ms_after"),
+}
+
+
+def _override(text: str) -> tuple[str, float]:
+    from .errors import ConfigError
+
+    regex, sep, ratio = text.rpartition("=")
+    try:
+        if not sep or not regex:
+            raise ValueError
+        return regex, float(ratio)
+    except ValueError:
+        raise ConfigError(f"--override {text!r}: use REGEX=R, e.g. 'layers\\.0\\.=0.1'") from None
+
+
+def prune_recipe(args: argparse.Namespace) -> Any:
+    """The recipe ``prunekit prune`` runs: a saved recipe, or one stage built from the flags."""
+    from .config import Allocation, PruneConfig, SparseGPTParams, Target
+    from .recipe import CalibrationSpec, Recipe, one_stage
+    from .structural import StructureConfig
+
+    if args.recipe:
+        recipe = Recipe.from_yaml(args.recipe)
+        return Recipe(recipe.stages, replace(recipe.calibration, text=args.calib)) if args.calib != "default" else recipe
+    if args.structure:
+        spec = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed, args.batch_size)
+        stage = StructureConfig.create(
+            args.structure, args.ratio, args.method, allocation=args.allocation, ignore=tuple(args.ignore),
+            overrides=tuple(_override(o) for o in args.override), heads=args.heads, round_to=args.round_to,
+            nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed)
+        return one_stage(stage, spec)
+    spec = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed, args.batch_size, args.sequential,
+                           args.offload)
+    stage = PruneConfig.from_method(
+        args.method or "wanda", sparsity=args.sparsity, pattern=args.pattern,
+        allocation=Allocation(args.allocation, args.owl_m, args.owl_lambda), calibration=spec.as_calibration(),
+        sparsegpt=SparseGPTParams(args.blocksize, args.damp), target=Target(tuple(args.ignore)), seed=args.seed,
+        unreached=args.unreached)
+    return one_stage(stage, spec)
+
+
+def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = False) -> dict[str, Any]:
+    """Load, run every stage, measure latency, save, then evaluate: the result is on disk
+    before evaluation starts, so a failed evaluation keeps it."""
+    from .api import evaluate_perplexity, load
+    from .evaluate import peak_rss_mb
+    from .models.placement import parse_device, parse_dtype, place
+    from .pipeline import run
+    from .recipe import stage_kind
+
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    from .export import check_output
+
+    check_output(args.output, args.overwrite)
+    loaded = load(args.model, dtype=dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    device = place(model, device)
+    dense = copy.deepcopy(model) if latency else None
+    previous = loaded if loaded.recipe is not None else None
+    result = run(recipe, model, tokenizer=tokenizer, device=device, progress=not args.quiet, previous=previous)
+    report = result.report
+    if dense is not None:
+        _latency(report, dense, model, tokenizer, recipe)
+        del dense
+    report.update(calib=recipe.calibration.text, model=args.model)
+    output = str(result.save(args.output, overwrite=args.overwrite))
+    from .evaluate import count_params
+
+    saved = count_params(model)[0]
+    kinds = [stage_kind(s) for s in recipe.stages]
+    if len(kinds) == 1:
+        out: dict[str, Any] = {k: report[k] for k in PRUNE_FIELDS[kinds[0]] if k in report} \
+            if kinds[0] in PRUNE_FIELDS else {}
+    else:
+        out = {"stages": [_stage_summary(s) for s in report["stages"]], "params_total": report["params_total"],
+               "params_nonzero": report["params_nonzero"], "sparsity": report["sparsity"],
+               "seconds": sum(s["seconds"] for s in report["stages"])}
+    out.setdefault("params_before", report["stages"][0]["params_before"])
+    out.setdefault("params_after", report["stages"][-1]["params_after"])
+    if saved != out["params_after"]:  # zero biases the config's bias switch needs (plain from_pretrained reloads it)
+        out["params_saved"] = saved
+    if args.eval:
+        seqlen = recipe.calibration.seqlen
+        ppl = evaluate_perplexity(model, tokenizer, args.eval, seqlen=seqlen, max_tokens=args.eval_max_tokens,
+                                  progress=not args.quiet)
+        out.update(perplexity=ppl.perplexity, tokens=ppl.tokens)
+    out.update(output=output, total_seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
+    log.info("saved to %s (%.1f s)", output, out["total_seconds"])
+    return out
+
+
+def _stage_summary(stage: dict[str, Any]) -> dict[str, Any]:
+    keep = ("stage", "kind", "params_before", "params_after", "sparsity", "macs_before", "macs_after", "seconds",
+            "method", "structure", "ratio", "pattern", "exact")
+    return {k: stage[k] for k in keep if k in stage}
+
+
+def _latency(report: dict[str, Any], dense: Any, model: Any, tokenizer: Any, recipe: Any) -> None:
+    from .calibration import CalibrationData
+    from .evaluate import latencies_ms
+
+    c = recipe.calibration
+    ids = CalibrationData.from_text(tokenizer, c.text, 1, c.seqlen, c.seed).ids
+    device = next(model.parameters()).device
+    ms = latencies_ms({"dense": dense, "pruned": model}, lambda: {"input_ids": ids.to(device), "use_cache": False},
+                      repeats=10)
+    report.update(latency_ms_before=ms["dense"], latency_ms_after=ms["pruned"], latency_tokens=int(ids.shape[1]))
+
+
+def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    """``prune``: the one-stage shorthand of ``run`` (or a saved recipe with ``--recipe``)."""
+    from .cli import check_mode_flags
+
+    t0 = time.perf_counter()
+    check_mode_flags(args)
+    recipe = prune_recipe(args)  # bad flags fail here, before anything is loaded or written
+    return _execute(args, recipe, t0, latency=bool(args.latency))
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    """``run RECIPE MODEL``: every stage in order on one loaded model with one calibration set."""
+    from .recipe import Recipe
+
+    t0 = time.perf_counter()
+    recipe = Recipe.from_yaml(args.recipe)  # validated before anything is loaded
+    if args.calib is not None:
+        recipe = Recipe(recipe.stages, replace(recipe.calibration, text=args.calib))
+    return _execute(args, recipe, t0)
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import evaluate_perplexity
+    from .evaluate import peak_rss_mb, sparsity_report
+    from .models.loading import load_model
+    from .models.placement import parse_device, parse_dtype, place
+
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    model, tokenizer, _ = load_model(args.model, dtype)
+    place(model, device)
+    t0 = time.perf_counter()
+    ppl = evaluate_perplexity(model, tokenizer, args.eval, seqlen=args.seqlen, max_tokens=args.eval_max_tokens,
+                              progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    report = sparsity_report(model)
+    log.info("perplexity %s on %d tokens", ppl.perplexity, ppl.tokens)
+    return {"perplexity": ppl.perplexity, "nll": ppl.nll, "tokens": ppl.tokens, "sparsity": report["sparsity"],
+            "params_total": report["params_total"], "params_nonzero": report["params_nonzero"],
+            "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
+    from .registry import catalogue
+
+    info = catalogue(args.kind, args.pattern)
+    if not args.json:
+        for kind, entries in info.items():
+            print(f"{kind}:")
+            for name, about in entries.items():
+                print(f"  {name}" + (f"  ({about})" if about else ""))
+    return info

@@ -1,0 +1,102 @@
+"""Module size attributes that follow parameter shapes: ``in_features``/``out_features``,
+conv ``groups`` and channels, norm widths, embedding sizes, attention head counts (query, key/value,
+``num_key_value_groups``, GPT-2's ``split_size``, BERT's ``all_head_size``). Structural removal
+calls :func:`sync_attributes` after slicing parameters; reloading a pruned model calls it after
+resizing a fresh instance to the recorded shapes."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
+KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+Q_NAMES = ("q_proj", "query", "q", "q_lin", "to_q")
+K_NAMES = ("k_proj", "key", "k", "k_lin", "to_k")
+FUSED_NAMES = ("c_attn", "qkv", "query_key_value", "Wqkv", "to_qkv")
+
+
+def snapshot(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Size attributes of every module, to compare against after slicing."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[name] = {"out_channels": m.out_channels, "groups": m.groups, "in_channels": m.in_channels}
+    return out
+
+
+def sync_attributes(model: nn.Module, before: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Set size attributes from parameter shapes; return what changed."""
+    before = before or snapshot(model)
+    changes: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        new = _sizes(m, before.get(name))
+        diff = {k: v for k, v in new.items() if getattr(m, k, None) != v}
+        for k, v in diff.items():
+            setattr(m, k, v)
+        if diff:
+            changes[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in diff.items()}
+    return changes
+
+
+def apply_attributes(model: nn.Module, changes: dict[str, dict[str, Any]]) -> None:
+    """Re-apply recorded attribute changes (used when reloading a pruned model)."""
+    for name, attrs in changes.items():
+        module = model.get_submodule(name) if name else model
+        for k, v in attrs.items():
+            setattr(module, k, tuple(v) if isinstance(getattr(module, k, None), tuple) else v)
+
+
+def _sizes(m: nn.Module, old: dict[str, Any] | None) -> dict[str, Any]:
+    w = getattr(m, "weight", None)
+    if isinstance(m, nn.Linear):
+        return {"out_features": w.shape[0], "in_features": w.shape[1]}
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return {"in_channels": w.shape[0], "out_channels": w.shape[1] * m.groups}
+    if isinstance(m, nn.modules.conv._ConvNd):
+        groups = old["groups"] if old else m.groups
+        if old and old["groups"] > 1 and old["in_channels"] == old["groups"]:  # depthwise: whole groups go
+            groups = w.shape[0] // (old["out_channels"] // old["groups"])
+        return {"out_channels": w.shape[0], "groups": groups, "in_channels": groups * w.shape[1]}
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        ref = w if w is not None else m.running_mean
+        return {"num_features": ref.shape[0]} if ref is not None else {}
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and w is not None:
+        return {"normalized_shape": tuple(w.shape)}
+    if isinstance(m, nn.Embedding):
+        return {"num_embeddings": w.shape[0], "embedding_dim": w.shape[1]}
+    if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):  # Hugging Face GPT-2 style (in, out)
+        return {"nf": w.shape[1]}
+    return _attention_sizes(m)
+
+
+def _attention_sizes(m: nn.Module) -> dict[str, Any]:
+    head_dim = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
+    if not isinstance(head_dim, int):
+        return {}
+    children = dict(m.named_children())
+    q = next((children[n] for n in Q_NAMES if n in children), None)
+    k = next((children[n] for n in K_NAMES if n in children), None)
+    fused = next((children[n] for n in FUSED_NAMES if n in children), None)
+    if q is not None:
+        q_size = _out_size(q)
+        kv_size = _out_size(k) if k is not None else q_size
+    elif fused is not None:
+        q_size = kv_size = _out_size(fused) // 3
+    else:
+        return {}
+    heads, kv = q_size // head_dim, kv_size // head_dim
+    out: dict[str, Any] = {a: heads for a in HEAD_ATTRS if isinstance(getattr(m, a, None), int)}
+    out.update({a: kv for a in KV_ATTRS if isinstance(getattr(m, a, None), int)})
+    if isinstance(getattr(m, "num_key_value_groups", None), int):
+        out["num_key_value_groups"] = heads // max(kv, 1)
+    if isinstance(getattr(m, "split_size", None), int):
+        out["split_size"] = q_size
+    if isinstance(getattr(m, "all_head_size", None), int):
+        out["all_head_size"] = q_size
+    return out
+
+
+def _out_size(layer: nn.Module) -> int:
+    w = layer.weight
+    return w.shape[1] if type(layer).__name__ == "Conv1D" else w.shape[0]

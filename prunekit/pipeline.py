@@ -1,0 +1,134 @@
+"""Running a recipe: every stage in order on one model with one calibration set, each
+reported, all gathered in one :class:`~prunekit.result.Result`."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import CalibrationData, as_calibration
+from .errors import DataError
+from .evaluate import peak_rss_mb
+from .recipe import Recipe, stage_kind, stage_to_dict
+from .result import Result
+
+log = logging.getLogger(__name__)
+
+
+def measure(model: nn.Module) -> dict[str, Any]:
+    """Parameters (total, nonzero) and the sparsity of the prunable layers, with what it is
+    measured over."""
+    from .evaluate import count_params
+    from .masking import prunable_parameters
+
+    total, nonzero = count_params(model)
+    try:
+        layers = prunable_parameters(model)
+    except Exception:  # noqa: BLE001 - a model with no prunable layers has no sparsity to report
+        layers = {}
+    numel = sum(p.numel() for p in layers.values())
+    zeros = sum(int(p.numel() - torch.count_nonzero(p)) for p in layers.values())
+    return {"params_total": total, "params_nonzero": nonzero, "pruned_layers_params": numel,
+            "sparsity": zeros / max(numel, 1)}
+
+
+def _calibration(recipe: Recipe, data: Any, tokenizer: Any) -> CalibrationData | None:
+    c = recipe.calibration
+    if data is not None:
+        return as_calibration(data, c.batch_size, tokenizer=tokenizer, nsamples=c.nsamples, seqlen=c.seqlen,
+                              seed=c.seed)
+    if not recipe.needs_data:
+        return None
+    if tokenizer is None:
+        raise DataError("the recipe needs calibration data: pass data=... or a model with a tokenizer")
+    return CalibrationData.from_text(tokenizer, c.text, c.nsamples, c.seqlen, c.seed, c.batch_size)
+
+
+def check(recipe: Recipe, model: nn.Module) -> None:
+    """What can only be checked against the model, before any stage changes it."""
+    from .schedules.oneshot import make_plan
+
+    for stage in recipe.stages:
+        if stage_kind(stage) == "weights":
+            make_plan(model, stage)  # blocks found, layers supported, N:M divides every width
+            return  # a later weights stage may follow a structure stage that changes widths
+
+
+def run(recipe: Recipe, model: nn.Module, *, tokenizer: Any = None, data: Any = None, device: Any = None,
+        progress: bool = True, previous: Result | None = None) -> Result:
+    """Run every stage of ``recipe`` on ``model`` (in place) and return the result.
+
+    ``data``: calibration data (anything :func:`~prunekit.calibration.as_calibration` takes)
+    instead of the recipe's text. ``device``: where blocks compute. ``previous``: the result
+    ``model`` came from (its recipe and history are continued, so a saved result lists every
+    stage that produced it).
+    """
+    check(recipe, model)
+    calib = _calibration(recipe, data, tokenizer)
+    stages_report: list[dict[str, Any]] = []
+    history = list(previous.history) if previous is not None else []
+    report: dict[str, Any] = {}
+    for i, stage in enumerate(recipe.stages):
+        kind = stage_kind(stage)
+        before = measure(model)
+        start = time.perf_counter()
+        log.info("stage %d/%d: %s", i + 1, len(recipe.stages), kind)
+        details = STAGE_RUNNERS[kind](stage, model, calib, device, progress)
+        after = measure(model)
+        seconds = time.perf_counter() - start
+        entry = {"stage": i + 1, "kind": kind, "params_before": before["params_total"],
+                 "params_after": after["params_total"], "nonzero_before": before["params_nonzero"],
+                 "nonzero_after": after["params_nonzero"], "sparsity": after["sparsity"],
+                 "sparsity_of": "weights of the prunable layers (Linear, Conv, Conv1D; heads and embeddings excluded)",
+                 **details, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+        stages_report.append(entry)
+        history.append({"kind": kind, "config": stage_to_dict(stage), "seconds": seconds})
+        report = entry
+    full = previous.recipe.stages + recipe.stages if previous is not None and previous.recipe is not None else None
+    out_recipe = Recipe(full, recipe.calibration) if full else recipe
+    final = {**report, **measure(model), "stages": stages_report}
+    return Result(model, out_recipe, final, history, tokenizer)
+
+
+def _weights(stage: Any, model: nn.Module, data: Any, device: Any, progress: bool) -> dict[str, Any]:
+    from .evaluate import sparsity_report
+    from .schedules import prune_oneshot
+
+    outcome = prune_oneshot(model, stage, data, progress=progress, device=device)
+    nm = (stage.pattern.n, stage.pattern.m) if stage.pattern.kind == "nm" else None
+    rep = sparsity_report(model, nm=nm, ignore=stage.target.ignore)
+    for name, amount in outcome.amounts.items():
+        rep["layers"][name]["allocated"] = amount
+    weight = next(model.parameters())
+    rep.update(method=stage.method, pattern=str(stage.pattern), allocation=stage.allocation.name,
+               target_sparsity=stage.sparsity, dtype=str(weight.dtype).split(".")[-1],
+               device=str(device if device is not None else weight.device))
+    if outcome.unreached:
+        rep["unreached"] = outcome.unreached
+    return rep
+
+
+def _structure(stage: Any, model: nn.Module, data: Any, device: Any, progress: bool) -> dict[str, Any]:
+    from .structural.prune import prune_structure
+
+    return dict(prune_structure(model, stage, data=data, progress=progress, device=device).report)
+
+
+def _training(stage: Any, model: nn.Module, data: Any, device: Any, progress: bool) -> dict[str, Any]:
+    from .stages import run_training
+
+    return run_training(stage, model, data, progress)
+
+
+def _recovery(stage: Any, model: nn.Module, data: Any, device: Any, progress: bool) -> dict[str, Any]:
+    from .stages import run_recovery
+
+    return run_recovery(stage, model, data, progress)
+
+
+STAGE_RUNNERS = {"weights": _weights, "structure": _structure, "training": _training, "recovery": _recovery}
+
+__all__ = ["run", "check", "measure", "STAGE_RUNNERS"]
