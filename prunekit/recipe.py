@@ -13,6 +13,7 @@ model is loaded, and every error names the stage, the key and the fix.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Union
@@ -61,6 +62,7 @@ class Recipe:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ConfigError("recipe: 'stages' is empty; give at least one stage, e.g. - weights: {method: wanda}")
+        object.__setattr__(self, "stages", _fit_nm(tuple(self.stages)))
         seen_nm = None
         for i, stage in enumerate(self.stages):
             kind = stage_kind(stage)
@@ -116,6 +118,21 @@ class Recipe:
         return cls.from_dict(data)
 
 
+def _fit_nm(stages: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A structure stage that removes input columns (neurons, channels, width) before an N:M
+    weights stage keeps a multiple of M units per group, so every N:M group still fits."""
+    out = list(stages)
+    for i, stage in enumerate(out):
+        if stage_kind(stage) != "structure" or stage.structure not in ("neurons", "channels", "width"):
+            continue
+        ms = [s.pattern.m for s in out[i + 1:] if stage_kind(s) == "weights" and s.pattern.kind == "nm"]
+        if ms:
+            step = math.lcm(stage.round_to, *ms)
+            if step != stage.round_to:
+                out[i] = replace(stage, round_to=step)
+    return tuple(out)
+
+
 def _read(source: str | Path) -> str:
     if isinstance(source, Path) or ("\n" not in str(source) and str(source).endswith((".yaml", ".yml"))):
         path = Path(source)
@@ -130,7 +147,10 @@ def _build(where: str, cls: type, kwargs: dict[str, Any]) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        text = str(exc)
+        kind = where.split("(")[-1].rstrip(")")
+        text = text[len(kind) + 2:] if text.startswith(kind + ": ") else text
+        raise ConfigError(text if text.startswith(where) else f"{where}: {text}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 

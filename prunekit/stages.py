@@ -89,13 +89,13 @@ def _train(model: nn.Module, params: list[nn.Parameter], data: Any, steps: int, 
         for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
             loss = data.loss(model, next(batches))
             if not torch.isfinite(loss):
-                raise ConfigError(f"{desc}: the loss became {float(loss)}; lower lr")
+                raise ConfigError(f"{desc}: the loss became {float(loss.detach())}; lower lr")
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if after_step is not None:
                 after_step(opt)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     finally:
         model.train(was_training)
     return losses

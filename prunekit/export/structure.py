@@ -38,11 +38,9 @@ def fit_hf_config(model: nn.Module) -> bool:
     shapes = _shapes(model)
     for candidate in _candidates(model, config):
         fresh = _fresh_shapes(model, candidate)
-        if fresh is None:
-            continue
-        if fresh != shapes:
+        if fresh is not None and fresh != shapes:
             fresh = _with_bias_switches(model, candidate, shapes, fresh)
-        if fresh == _shapes(model):
+        if fresh is not None and fresh == _shapes(model):
             for key, value in candidate.to_dict().items():
                 if getattr(config, key, None) != value and (key in SIZE_KEYS or key in BIAS_SWITCHES):
                     setattr(config, key, value)
@@ -68,29 +66,34 @@ def _fresh_shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]] |
 
 
 def _with_bias_switches(model: nn.Module, candidate: Any, shapes: dict, fresh: dict) -> dict | None:
-    """If ``model`` differs from ``candidate`` only by extra biases, turn on the bias switches
-    that cover them and give the other layers they cover zero biases. Returns the new fresh
-    shapes (or None when that does not make them match)."""
+    """If ``model`` differs from ``candidate`` only by extra biases, and turning on the config's
+    bias switches makes every shape match once the other layers they cover get zero biases,
+    do that (biases added, switches set on ``candidate``) and return the new shapes; else None
+    and nothing changes."""
     extra = set(shapes) - set(fresh)
     if not extra or not all(k.endswith(".bias") for k in extra) or set(fresh) - set(shapes):
         return None
-    switched = copy.deepcopy(candidate)
-    for flag in BIAS_SWITCHES:
-        if getattr(switched, flag, None) is False:
-            setattr(switched, flag, True)
-    wanted = _fresh_shapes(model, switched)
-    if wanted is None or set(shapes) - set(wanted):
+    if any(fresh[k] != shapes[k] for k in fresh):
         return None
+    switched = copy.deepcopy(candidate)
+    flags = [f for f in BIAS_SWITCHES if getattr(switched, f, None) is False]
+    for flag in flags:
+        setattr(switched, flag, True)
+    wanted = _fresh_shapes(model, switched)
+    if wanted is None or set(shapes) - set(wanted) or any(wanted[k] != shapes[k] for k in shapes):
+        return None
+    added = []
+    for key in set(wanted) - set(shapes):
+        module = model.get_submodule(key.rpartition(".")[0])
+        if not (key.endswith(".bias") and isinstance(module, nn.Linear) and module.bias is None):
+            return None
+        added.append(module)
     with torch.no_grad():
-        for key in set(wanted) - set(shapes):
-            module = model.get_submodule(key.rpartition(".")[0])
-            if not (isinstance(module, nn.Linear) and module.bias is None and key.endswith(".bias")):
-                return None
+        for module in added:  # zero biases change no output
             module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
                                                    device=module.weight.device))
-    for flag in BIAS_SWITCHES:
-        if getattr(switched, flag, None) is True:
-            setattr(candidate, flag, True)
+    for flag in flags:
+        setattr(candidate, flag, True)
     return wanted
 
 

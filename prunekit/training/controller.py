@@ -89,6 +89,20 @@ class SparsityController:
         """Per-parameter zeros (:func:`prunekit.masking.sparsity_report`) of the controlled weights."""
         return sparsity_report(self.model, self.params)
 
+    def result(self, tokenizer: Any = None) -> Any:
+        """A :class:`~prunekit.result.Result` of the training so far: the model, a report of its
+        sparsity (overall and per weight) and a history entry for the schedule. Its recipe is
+        None: a training loop is the caller's code, so prunekit cannot replay it."""
+        from ..result import Result
+
+        rows = self.report()
+        total = rows.pop("__total__")
+        report = {"kind": "training", "steps": self.step_count, "sparsity": total["sparsity"],
+                  "pruned_layers_params": total["numel"], "layers": rows}
+        history = [{"kind": "training", "schedule": repr(self.schedule), "steps": self.step_count,
+                    "sparsity": total["sparsity"]}]
+        return Result(self.model, None, {**report, "stages": [dict(report)]}, history, tokenizer)
+
     def make_permanent(self) -> nn.Module:
         """Remove every hook; the zeros stay in the weights. Returns the model."""
         self.masker.detach()
