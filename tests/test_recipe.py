@@ -52,10 +52,10 @@ def test_the_exact_form_parses_into_typed_stages():
     ("stages: [{structure: {structure: nerons, ratio: 0.2}}]", "stage 1 (structure): unknown structure 'nerons'"),
     ("stages: [{weights: {pattern: '2:4'}}, {structure: {structure: neurons, ratio: 0.2}}]",
      "stage 2 (structure) comes after stage 1 (weights, 2:4)"),
-    ("calibration: {nsamples: 0}\nstages: [{weights: {}}]", "calibration: calibration nsamples must be >= 1"),
+    ("calibration: {nsamples: 0}\nstages: [{weights: {}}]", "calibration nsamples must be >= 1, got 0"),
     ("calibration: {text: default, tokens: 3}\nstages: [{weights: {}}]", "calibration: unknown keys ['tokens']"),
-    ("stages: [{training: {steps: -1}}]", "training: steps must be a positive number"),
-    ("stages: [{recovery: {method: dropout}}]", "recovery: unknown method 'dropout'"),
+    ("stages: [{training: {steps: -1}}]", "stage 1 (training): steps must be a positive number"),
+    ("stages: [{recovery: {method: dropout}}]", "stage 1 (recovery): unknown method 'dropout'"),
     ("stages: {weights: {}}", "'stages' must be a list"),
     ("stages: [weights]", "stage 1: write each stage as one mapping"),
 ])
