@@ -1,7 +1,8 @@
 """prunekit: prune neural networks so they get smaller and faster while keeping what they know."""
 from .api import calibration_data, evaluate_perplexity, load, prune, run, save
 from .calibration import CalibrationData
-from .config import Allocation, Calibration, Pattern, PruneConfig, SparseGPTParams, Target
+from .config import Allocation, Calibration, Pattern, PruneConfig, Target
+from .reconstruct.sparsegpt import SparseGPTParams
 from .errors import PrunekitError
 from .recipe import CalibrationSpec, Recipe
 from .registry import catalogue

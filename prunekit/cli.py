@@ -21,8 +21,8 @@ Counts round halves up: a ratio or sparsity r of n units removes floor(r*n + 0.5
 least 1 must stay); N:M keeps exactly N of every M."""
 
 #: flags that only weight pruning takes, and only structural pruning takes (name -> default)
-WEIGHTS_ONLY = {"sparsity": None, "pattern": "unstructured", "owl_m": 5.0, "owl_lambda": 0.08, "blocksize": 128,
-                "damp": 0.01, "sequential": "layer", "unreached": "magnitude", "offload": "none"}
+WEIGHTS_ONLY = {"sparsity": None, "pattern": "unstructured", "owl_m": None, "owl_lambda": None, "blocksize": None,
+                "damp": None, "sequential": "layer", "unreached": "magnitude", "offload": "none"}
 STRUCTURE_ONLY = {"ratio": None, "heads": "kv", "round_to": 1, "latency": False, "override": []}
 
 

@@ -31,9 +31,20 @@ def _override(text: str) -> tuple[str, float]:
         raise ConfigError(f"--override {text!r}: use REGEX=R, e.g. 'layers\\.0\\.=0.1'") from None
 
 
+def _allocation(args: argparse.Namespace) -> Any:
+    from .config import Allocation
+    from .errors import ConfigError
+
+    owl = {k: v for k, v in (("m", args.owl_m), ("lambda", args.owl_lambda)) if v is not None}
+    if owl and args.allocation != "owl":
+        raise ConfigError("--owl-m and --owl-lambda go with --allocation owl")
+    return Allocation(args.allocation, params=tuple(owl.items()))
+
+
 def prune_recipe(args: argparse.Namespace) -> Any:
     """The recipe ``prunekit prune`` runs: a saved recipe, or one stage built from the flags."""
-    from .config import Allocation, PruneConfig, SparseGPTParams, Target
+    from .config import Allocation, PruneConfig, Target
+    from .reconstruct.sparsegpt import SparseGPTParams
     from .recipe import CalibrationSpec, Recipe, one_stage
     from .structural import StructureConfig
 
@@ -51,8 +62,9 @@ def prune_recipe(args: argparse.Namespace) -> Any:
                            args.offload)
     stage = PruneConfig.from_method(
         args.method or "wanda", sparsity=args.sparsity, pattern=args.pattern,
-        allocation=Allocation(args.allocation, args.owl_m, args.owl_lambda), calibration=spec.as_calibration(),
-        sparsegpt=SparseGPTParams(args.blocksize, args.damp), target=Target(tuple(args.ignore)), seed=args.seed,
+        allocation=_allocation(args), calibration=spec.as_calibration(),
+        sparsegpt=SparseGPTParams(args.blocksize or 128, args.damp or 0.01) if (args.blocksize or args.damp) else None,
+        target=Target(tuple(args.ignore)), seed=args.seed,
         unreached=args.unreached)
     return one_stage(stage, spec)
 

@@ -81,17 +81,28 @@ class Pattern:
 
 @dataclass(frozen=True)
 class Allocation:
-    """How much to prune in each layer. OWL: Yin et al. 2024, defaults M=5, lambda=0.08."""
+    """How much to prune in each layer: an allocation entry by ``name`` and its parameters
+    (``params``: ``(key, value)`` pairs, checked by the entry's own parameter class when a
+    recipe is resolved, e.g. OWL's ``m`` and ``lambda``). ``owl_m``/``owl_lambda`` are the
+    older spelling of OWL's two parameters."""
 
     name: str = "uniform"
-    owl_m: float = 5.0
-    owl_lambda: float = 0.08
+    owl_m: float | None = None
+    owl_lambda: float | None = None
+    params: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.owl_m <= 0 or not (0 <= self.owl_lambda < 0.5):
-            raise ConfigError(
-                f"OWL needs owl_m > 0 and 0 <= owl_lambda < 0.5, got {self.owl_m}, {self.owl_lambda}"
-            )
+        params = dict(self.params.items() if isinstance(self.params, dict) else self.params)
+        if self.owl_m is not None:
+            params.setdefault("m", self.owl_m)
+        if self.owl_lambda is not None:
+            params.setdefault("lambda", self.owl_lambda)
+        object.__setattr__(self, "params", tuple(sorted(params.items())))
+        object.__setattr__(self, "owl_m", None)
+        object.__setattr__(self, "owl_lambda", None)
+
+    def to_dict(self) -> dict[str, Any] | str:
+        return {"name": self.name, **dict(self.params)} if self.params else self.name
 
 
 @dataclass(frozen=True)
@@ -125,20 +136,6 @@ class Calibration:
 
 
 @dataclass(frozen=True)
-class SparseGPTParams:
-    """SparseGPT's lazy-batch block size and Hessian dampening (fraction of mean diagonal)."""
-
-    blocksize: int = 128
-    damp: float = 0.01
-
-    def __post_init__(self) -> None:
-        if self.blocksize < 1 or not (0 < self.damp < 1):
-            raise ConfigError(
-                f"SparseGPT needs blocksize >= 1 and 0 < damp < 1, got {self.blocksize}, {self.damp}"
-            )
-
-
-@dataclass(frozen=True)
 class Target:
     """Which layers are candidates: every Linear/Conv1D inside the model's blocks,
     except those whose full name matches one of the ``ignore`` regular expressions."""
@@ -163,24 +160,17 @@ class PruneConfig:
     pattern: Pattern = field(default_factory=Pattern)
     allocation: Allocation = field(default_factory=Allocation)
     calibration: Calibration = field(default_factory=Calibration)
-    sparsegpt: SparseGPTParams = field(default_factory=SparseGPTParams)
+    sparsegpt: Any = None  # SparseGPT's parameters (reconstruct/sparsegpt.py), None: its defaults
     target: Target = field(default_factory=Target)
     seed: int = 0
     method: str | None = None
     unreached: Literal["magnitude", "dense"] = "magnitude"
 
     def __post_init__(self) -> None:
-        # Imported here: the registries live in lower layers that must not import config.
-        from .allocation import ALLOCATIONS
-        from .reconstruct import RECONSTRUCTIONS
-        from .scoring import SCORES
-
-        SCORES.get(self.score)
-        RECONSTRUCTIONS.get(self.reconstruction)
+        # Names are checked against the registries when a recipe is resolved (prunekit.resolve).
         if self.unreached not in ("magnitude", "dense"):
             raise ConfigError(f"unreached={self.unreached!r}: layers no calibration token reaches (unused MoE "
                               "experts) are pruned by 'magnitude' or left 'dense'")
-        ALLOCATIONS.get(self.allocation.name)
         if not isinstance(self.sparsity, (int, float)) or math.isnan(self.sparsity):
             raise ConfigError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
         if not (0.0 <= self.sparsity < 1.0):
@@ -200,10 +190,6 @@ class PruneConfig:
                     f"allocation {self.allocation.name!r} varies sparsity per layer, which an N:M pattern "
                     "fixes; use --allocation uniform with N:M"
                 )
-            if self.reconstruction == "sparsegpt" and self.sparsegpt.blocksize % self.pattern.m:
-                raise ConfigError(
-                    f"SparseGPT blocksize {self.sparsegpt.blocksize} must be a multiple of M={self.pattern.m}"
-                )
 
     @classmethod
     def from_method(
@@ -216,23 +202,12 @@ class PruneConfig:
             sparsity = pat.sparsity if pat.sparsity is not None else 0.5
         return cls(score=score, reconstruction=reconstruction, sparsity=sparsity, pattern=pat, method=method, **kw)
 
-    @property
-    def needs_data(self) -> bool:
-        """Whether calibration data is required by the score, reconstruction or allocation."""
-        from .allocation import ALLOCATIONS
-        from .scoring import SCORES
-
-        score = SCORES.get(self.score)
-        alloc_needs = ALLOCATIONS.get(self.allocation.name).uses_scores and bool(
-            SCORES.get(score.allocation_proxy).needs
-        )
-        return bool(score.needs) or self.reconstruction != "none" or alloc_needs
-
     # -- serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["pattern"] = str(self.pattern)
         d["target"]["ignore"] = list(self.target.ignore)
+        d["allocation"] = {"name": self.allocation.name, **dict(self.allocation.params)}
         return d
 
     @classmethod
@@ -243,6 +218,17 @@ class PruneConfig:
             raise ConfigError(f"unknown recipe keys {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
         if "pattern" in d:
             d["pattern"] = Pattern.parse(d["pattern"])
+        alloc = d.get("allocation")
+        if isinstance(alloc, dict):  # {name, params...}, or the older {name, owl_m, owl_lambda}
+            a = {k: v for k, v in alloc.items() if v is not None}
+            legacy = {"owl_m": "m", "owl_lambda": "lambda"}
+            params = {legacy.get(k, k): v for k, v in a.items() if k not in ("name", "params")}
+            params.update(dict(a.get("params") or {}))
+            d["allocation"] = Allocation(a.get("name", "uniform"), params=tuple(params.items()))
+        if isinstance(d.get("sparsegpt"), dict):
+            from .reconstruct.sparsegpt import SparseGPTParams  # the older recipe format named its fields
+
+            d["sparsegpt"] = SparseGPTParams(**d["sparsegpt"])
         for f in fields(cls):
             sub = d.get(f.name)
             if isinstance(sub, dict) and f.name != "pattern":
@@ -281,3 +267,12 @@ class PruneConfig:
                 raise ConfigError(f"this recipe has {len(stages)} weights stages; read it with prunekit.Recipe.from_yaml")
             return stages[0]
         return cls.from_dict(data.get("prunekit_recipe", data))
+
+
+def __getattr__(name: str) -> Any:
+    # SparseGPTParams lives with SparseGPT (reconstruct/sparsegpt.py); this is its older address.
+    if name == "SparseGPTParams":
+        from .reconstruct.sparsegpt import SparseGPTParams
+
+        return SparseGPTParams
+    raise AttributeError(name)

@@ -20,7 +20,7 @@ from typing import Any, Union
 
 import yaml
 
-from .config import Allocation, Calibration, Pattern, PruneConfig, SparseGPTParams, Target
+from .config import Allocation, Calibration, Pattern, PruneConfig, Target
 from .errors import ConfigError
 from .stages import RecoveryStage, TrainingStage
 
@@ -63,6 +63,14 @@ class Recipe:
         if not self.stages:
             raise ConfigError("recipe: 'stages' is empty; give at least one stage, e.g. - weights: {method: wanda}")
         object.__setattr__(self, "stages", _fit_nm(tuple(self.stages)))
+        from .resolve import check
+
+        for i, stage in enumerate(self.stages):  # every name resolves before anything is loaded
+            try:
+                check(stage)
+            except ConfigError as exc:
+                where = f"stage {i + 1} ({stage_kind(stage)})"
+                raise ConfigError(str(exc) if str(exc).startswith("stage ") else f"{where}: {exc}") from None
         seen_nm = None
         for i, stage in enumerate(self.stages):
             kind = stage_kind(stage)
@@ -178,7 +186,9 @@ def stage_kind(stage: Any) -> str:
 def stage_needs_data(stage: Any) -> bool:
     kind = stage_kind(stage)
     if kind == "weights":
-        return stage.needs_data
+        from .resolve import needs_data
+
+        return needs_data(stage)
     return True  # structure stages trace one calibration batch even with data-free scores; training trains
 
 
@@ -212,10 +222,12 @@ def _weights(where: str, body: dict[str, Any], spec: CalibrationSpec) -> PruneCo
         alloc = body.get("allocation", "uniform")
         if isinstance(alloc, dict):
             a = dict(alloc)
-            kw["allocation"] = Allocation(a.pop("name", "uniform"), **_owl(a))
+            kw["allocation"] = Allocation(str(a.pop("name", "uniform")), params=tuple(a.items()))
         else:
             kw["allocation"] = Allocation(str(alloc))
         if "sparsegpt" in body:
+            from .reconstruct.sparsegpt import SparseGPTParams
+
             kw["sparsegpt"] = SparseGPTParams(**dict(body["sparsegpt"]))
         if "ignore" in body:
             ignore = body["ignore"]
@@ -233,14 +245,6 @@ def _weights(where: str, body: dict[str, Any], spec: CalibrationSpec) -> PruneCo
         raise ConfigError(f"{where}: {exc}") from None
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-
-
-def _owl(params: dict[str, Any]) -> dict[str, Any]:
-    rename = {"m": "owl_m", "lambda": "owl_lambda", "owl_m": "owl_m", "owl_lambda": "owl_lambda"}
-    unknown = set(params) - set(rename)
-    if unknown:
-        raise ConfigError(f"unknown allocation parameters {sorted(unknown)}; OWL takes m and lambda")
-    return {rename[k]: v for k, v in params.items()}
 
 
 def _structure(where: str, body: dict[str, Any], spec: CalibrationSpec) -> Any:
@@ -267,9 +271,8 @@ def stage_to_dict(stage: Any) -> dict[str, Any]:
         c = stage
         out: dict[str, Any] = {"method": c.method} if c.method else {"score": c.score, "reconstruction": c.reconstruction}
         out.update(sparsity=c.sparsity, pattern=str(c.pattern))
-        a = c.allocation
-        out["allocation"] = a.name if a.name != "owl" else {"name": "owl", "m": a.owl_m, "lambda": a.owl_lambda}
-        if c.reconstruction == "sparsegpt":
+        out["allocation"] = c.allocation.to_dict()
+        if c.sparsegpt is not None:
             out["sparsegpt"] = {"blocksize": c.sparsegpt.blocksize, "damp": c.sparsegpt.damp}
         if c.target.ignore:
             out["ignore"] = list(c.target.ignore)

@@ -40,8 +40,16 @@ def test_nm_sparsity_must_agree():
     ({"allocation": Allocation("bogus")}, "unknown allocation 'bogus'"),
 ])
 def test_unknown_names(kwargs, match):
+    """Configs hold values; names are checked against the registries when a recipe is
+    resolved (``prunekit.resolve.check``), which every entry point does before it starts."""
+    from prunekit.recipe import one_stage
+    from prunekit.resolve import check
+
+    cfg = PruneConfig(**kwargs)
     with pytest.raises(ConfigError, match=match):
-        PruneConfig(**kwargs)
+        check(cfg)
+    with pytest.raises(ConfigError, match=match):
+        one_stage(cfg)
 
 
 def test_unknown_method():
@@ -52,8 +60,29 @@ def test_unknown_method():
 def test_calibration_and_owl_ranges():
     with pytest.raises(ConfigError, match="nsamples"):
         Calibration(nsamples=0)
-    with pytest.raises(ConfigError, match="owl"):
-        Allocation("owl", owl_lambda=0.6)
+    from prunekit.resolve import check
+
+    with pytest.raises(ConfigError, match="OWL needs m > 0 and 0 <= lambda < 0.5"):
+        check(PruneConfig(allocation=Allocation("owl", owl_lambda=0.6)))
+    with pytest.raises(ConfigError, match=r"allocation 'erk' does not take \['m'\]; its parameters: power"):
+        check(PruneConfig(allocation=Allocation("erk", params=(("m", 3),))))
+
+
+def test_configs_import_no_registry():
+    """No import, not even inside a function, of the registries a config is checked against
+    (SparseGPT's parameter class, read for recipes saved in the older format, is the one
+    import from a registry's package)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "prunekit"
+    for path in (root / "config.py", root / "structural" / "config.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                assert not any(r in module for r in ("scoring", "allocation", "scores", "layers", "experts")), \
+                    (path.name, module)
+                assert "reconstruct" not in module or module.endswith("sparsegpt"), (path.name, module)
 
 
 def test_yaml_round_trip():

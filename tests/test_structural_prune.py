@@ -174,8 +174,10 @@ def test_recipe_round_trip():
                           heads="query", round_to=2)
     assert StructureConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert StructureConfig.create("layers", 0.25, "block-influence").method == "block_influence"
+    from prunekit.resolve import check
+
     with pytest.raises(ConfigError, match="does not apply to neurons"):
-        StructureConfig("neurons", 0.2, "bn_scale")
+        check(StructureConfig("neurons", 0.2, "bn_scale"))
     with pytest.raises(ConfigError, match="outside"):
         StructureConfig("neurons", 1.0)
 

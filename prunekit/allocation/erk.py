@@ -9,9 +9,22 @@ would exceed 1 is kept dense and the factor is solved again over the others.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
+from ..errors import ConfigError
 from .base import LayerRef, register_allocation
+
+
+@dataclass(frozen=True)
+class ErkParams:
+    """``power`` scales the raw per-layer ratio (1.0 as in the paper)."""
+
+    power: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.power, (int, float)) or not self.power > 0:
+            raise ConfigError(f"ERK needs power > 0, got {self.power!r}")
 
 
 def _shape(layer: LayerRef) -> tuple[int, ...]:
@@ -43,6 +56,6 @@ def _prod(shape: tuple[int, ...]) -> int:
     return out
 
 
-@register_allocation("erk", uses_scores=False)
-def erk(layers: Sequence[LayerRef], sparsity: float, cfg: object) -> list[float]:
-    return [1.0 - d for d in erk_densities([_shape(layer) for layer in layers], sparsity)]
+@register_allocation("erk", uses_scores=False, params=ErkParams)
+def erk(layers: Sequence[LayerRef], sparsity: float, params: ErkParams) -> list[float]:
+    return [1.0 - d for d in erk_densities([_shape(layer) for layer in layers], sparsity, params.power)]

@@ -7,12 +7,25 @@ least ``floor`` times the average density."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
+from ..errors import ConfigError
 from .base import LayerRef, register_allocation
 
 #: Each layer keeps at least this fraction of the network's average density.
 DEFAULT_FLOOR = 0.25
+
+
+@dataclass(frozen=True)
+class GlobalMinParams:
+    """``floor``: every layer keeps at least this fraction of the network's average density."""
+
+    floor: float = DEFAULT_FLOOR
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.floor, (int, float)) or not 0 <= self.floor <= 1:
+            raise ConfigError(f"global_min needs 0 <= floor <= 1, got {self.floor!r}")
 
 
 def _capped_counts(layers: Sequence[LayerRef], caps: Sequence[int], t: float) -> list[int]:
@@ -46,6 +59,6 @@ def global_with_minimum(layers: Sequence[LayerRef], sparsity: float, floor: floa
             for layer, b, u in zip(layers, below, upto)]
 
 
-@register_allocation("global_min")
-def global_min(layers: Sequence[LayerRef], sparsity: float, cfg: object) -> list[float]:
-    return global_with_minimum(layers, sparsity)
+@register_allocation("global_min", params=GlobalMinParams)
+def global_min(layers: Sequence[LayerRef], sparsity: float, params: GlobalMinParams) -> list[float]:
+    return global_with_minimum(layers, sparsity, params.floor)

@@ -7,14 +7,28 @@ rich in outliers are pruned less."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import torch
 
+from ..errors import ConfigError
 from .base import LayerRef, register_allocation
 
-if TYPE_CHECKING:
-    from ..config import Allocation
+
+@dataclass(frozen=True)
+class OwlParams:
+    """OWL's outlier threshold ``m`` (a weight is an outlier above m x its block's mean score)
+    and spread ``lambda`` (sparsities range over [s - lambda, s + lambda]); paper defaults."""
+
+    m: float = 5.0
+    lam: float = 0.08
+    ALIASES: ClassVar[dict[str, str]] = {"lambda": "lam"}
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.m, (int, float)) or not isinstance(self.lam, (int, float)) \
+                or not self.m > 0 or not 0 <= self.lam < 0.5:
+            raise ConfigError(f"OWL needs m > 0 and 0 <= lambda < 0.5, got m={self.m!r}, lambda={self.lam!r}")
 
 
 def outlier_ratios(layers: Sequence[LayerRef], m: float) -> dict[int, float]:
@@ -39,10 +53,10 @@ def owl_sparsities(ratios: torch.Tensor, sparsity: float, lam: float) -> torch.T
     return (1.0 - density).clamp(0.0, 0.999)
 
 
-@register_allocation("owl")
-def owl(layers: Sequence[LayerRef], sparsity: float, cfg: Allocation) -> list[float]:
-    ratios = outlier_ratios(layers, cfg.owl_m)
+@register_allocation("owl", params=OwlParams)
+def owl(layers: Sequence[LayerRef], sparsity: float, params: OwlParams) -> list[float]:
+    ratios = outlier_ratios(layers, params.m)
     blocks = sorted(ratios)
-    per_block = owl_sparsities(torch.tensor([ratios[b] for b in blocks], dtype=torch.float64), sparsity, cfg.owl_lambda)
+    per_block = owl_sparsities(torch.tensor([ratios[b] for b in blocks], dtype=torch.float64), sparsity, params.lam)
     lookup = dict(zip(blocks, per_block.tolist()))
     return [lookup[layer.block] for layer in layers]

@@ -14,7 +14,7 @@ from ..scoring import LayerStats, Score
 
 if TYPE_CHECKING:
     from ..calibration.stats import InputStats
-    from ..config import SparseGPTParams
+    from .sparsegpt import SparseGPTParams
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,31 @@ weights (adaptive mask selection); N:M masks every M columns inside the loop.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..patterns import count_for, lowest_overall, lowest_per_row, nm_mask
 from ..scoring import LayerStats
 from .base import RECONSTRUCTIONS, GroupProblem, Segment
+
+
+@dataclass(frozen=True)
+class SparseGPTParams:
+    """SparseGPT's lazy-batch ``blocksize`` and Hessian dampening ``damp`` (a fraction of the
+    mean diagonal, also used by the OBS score without reconstruction); paper defaults."""
+
+    blocksize: int = 128
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.blocksize, int) or not isinstance(self.damp, (int, float)) \
+                or self.blocksize < 1 or not (0 < self.damp < 1):
+            raise ConfigError(
+                f"SparseGPT needs blocksize >= 1 and 0 < damp < 1, got {self.blocksize!r}, {self.damp!r}"
+            )
 
 
 def block_mask(scores: Tensor, segments: tuple[Segment, ...], i1: int, i2: int) -> Tensor:

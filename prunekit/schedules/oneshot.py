@@ -19,6 +19,7 @@ from ..patterns import MaskSpec, check_nm_shape
 from ..reconstruct import RECONSTRUCTIONS, GroupProblem, Segment
 from ..reconstruct.mask_only import choose_masks
 from ..scoring import SCORES, LayerStats, Score
+from ..resolve import check_weights, sparsegpt_params
 from ..targets import Target, select_layers
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ class OneShotOutcome:
 
 
 def make_plan(model: nn.Module, config: PruneConfig) -> Plan:
-    """Locate blocks and candidate layers; check the pattern fits every layer before any change."""
+    """Resolve the config, locate blocks and candidate layers, and check the pattern fits every
+    layer, all before any change."""
+    check_weights(config)
     blocks_name, blocks = find_blocks(model)
     layers = [select_layers(b, f"{blocks_name}.{i}", config.target.ignore) for i, b in enumerate(blocks)]
     if not any(layers):
@@ -123,14 +126,14 @@ def prune_group(plan: Plan, targets: dict[str, Target], names: list[str], amount
         for n in names:
             live = targets[n].weight()  # (out, in) view of the parameter
             seg = Segment(0, live.shape[0], plan.spec(amounts[n]))
-            problem = GroupProblem(live.float(), (seg,), score, stats, inputs, plan.config.sparsegpt)
+            problem = GroupProblem(live.float(), (seg,), score, stats, inputs, sparsegpt_params(plan.config))
             live.masked_fill_(choose_masks(problem), 0)
         return
     weights = [targets[n].weight().float() for n in names]  # each (out_i, in)
     bounds = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()
     segments = tuple(Segment(bounds[k], bounds[k + 1], plan.spec(amounts[n])) for k, n in enumerate(names))
     stacked = weights[0] if len(weights) == 1 else torch.cat(weights)  # reconstructions never write into it
-    problem = GroupProblem(stacked, segments, score, stats, inputs, plan.config.sparsegpt)
+    problem = GroupProblem(stacked, segments, score, stats, inputs, sparsegpt_params(plan.config))
     new_weight, _ = RECONSTRUCTIONS.get(reconstruction)(problem)
     for n, seg in zip(names, segments):
         targets[n].set_weight(new_weight[seg.start : seg.stop])

@@ -75,21 +75,7 @@ class StructureConfig:
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        # validated here so a bad name fails before anything is loaded
-        if self.method is None:
-            pass
-        elif self.structure == "layers":
-            from .layers import LAYER_SCORES
-
-            LAYER_SCORES.get(self.method)
-        elif self.structure == "experts":
-            from .experts import EXPERT_SCORES
-
-            EXPERT_SCORES.get(self.method)
-        else:
-            from .scores import check_applies
-
-            check_applies(self.method, self.structure)
+        # the score's name is checked against its registry when a recipe is resolved (prunekit.resolve)
 
     @classmethod
     def create(cls, structure: str, ratio: float, method: str | None = None, **kw: Any) -> StructureConfig:

@@ -40,8 +40,11 @@ def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = No
     the default (LM loss, or cross-entropy on labelled pairs) does not fit. ``progress``: a
     bar over blocks. ``device``: where blocks compute while statistics are gathered.
     """
+    from ..resolve import check_structure
+
     start = time.perf_counter()
     config = config.resolved(model)
+    check_structure(config)
     calib = as_calibration(data, config.batch_size, loss_fn=loss_fn) if data is not None else None
     example = example_inputs if example_inputs is not None else (calib.trace_inputs(model) if calib else None)
     if example is None:
