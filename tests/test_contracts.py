@@ -22,7 +22,8 @@ def make_problem(score: str, spec: MaskSpec, dtype=torch.float32, seed=0) -> Gro
     inputs = InputStats(32, gram=True, device=x.device)
     inputs.add(x)
     weight = torch.randn(24, 32, generator=g).to(dtype)  # (out, in)
-    stats = LayerStats(input_norm=inputs.input_norm, generator=torch.Generator().manual_seed(seed))
+    grad = torch.randn(24, 32, generator=g)  # (out, in), for gradient scores
+    stats = LayerStats(input_norm=inputs.input_norm, generator=torch.Generator().manual_seed(seed), grad=grad)
     return GroupProblem(weight, (Segment(0, 24, spec),), SCORES.get(score), stats, inputs,
                         SparseGPTParams(blocksize=8))
 
@@ -55,7 +56,8 @@ def test_every_score_pattern_reconstruction(score, reconstruction, spec):
 def test_scores_are_elementwise_and_keep_shape(score):
     problem = make_problem(score, SPECS[0])
     upper, _ = problem.inverse_factor()
-    stats = LayerStats(problem.stats.input_norm, upper.square().sum(0).sqrt(), torch.Generator().manual_seed(0))
+    stats = LayerStats(problem.stats.input_norm, upper.square().sum(0).sqrt(), torch.Generator().manual_seed(0),
+                       problem.stats.grad)
     s = SCORES.get(score)(problem.weight, stats)
     assert s.shape == problem.weight.shape and torch.isfinite(s).all() and (s >= 0).all()
 

@@ -31,7 +31,8 @@ def problem(dtype, device, score="wanda", spec=MaskSpec("unstructured", 0.5, "ro
     inputs = InputStats(32, gram=True, device=device)
     inputs.add(x)
     weight = torch.randn(16, 32, generator=g).to(device, dtype)
-    stats = LayerStats(input_norm=inputs.input_norm, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(16, 32, generator=g).to(device, dtype)
+    stats = LayerStats(input_norm=inputs.input_norm, generator=torch.Generator().manual_seed(0), grad=grad)
     return GroupProblem(weight, (Segment(0, 16, spec),), SCORES.get(score), stats, inputs, SparseGPTParams(8))
 
 
@@ -52,11 +53,11 @@ def test_statistics_live_where_their_inputs_are(device, dtype):
 def test_every_score_keeps_dtype_and_device(score, dtype, device):
     p = problem(dtype, device, score)
     upper, _ = p.inverse_factor()
-    stats = LayerStats(p.stats.input_norm, upper.square().sum(0).sqrt(), torch.Generator().manual_seed(0))
+    stats = LayerStats(p.stats.input_norm, upper.square().sum(0).sqrt(), torch.Generator().manual_seed(0), p.stats.grad)
     s = SCORES.get(score)(p.weight, stats)
     assert s.dtype == dtype and s.device.type == device and s.shape == p.weight.shape
     again = SCORES.get(score)(p.weight, LayerStats(p.stats.input_norm, stats.hinv_sqrt_diag,
-                                                   torch.Generator().manual_seed(0)))
+                                                   torch.Generator().manual_seed(0), p.stats.grad))
     assert torch.equal(s, again)  # deterministic under a seed, on every device
 
 

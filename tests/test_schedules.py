@@ -342,3 +342,46 @@ def test_rigl_grows_by_the_dense_gradient_of_the_update_step():
         grown = before[n] & ~m
         assert int(grown.sum()) > 0
         assert float(ref[n].abs()[grown].min()) >= float(ref[n].abs()[m].max())
+
+
+@pytest.mark.parametrize("score", ["wanda", "taylor", "random", "magnitude"])
+def test_gradual_takes_any_element_score(score):
+    """Gradual pruning with an activation- or gradient-aware score: the masks equal the element
+    score computed by hand from the inputs (or gradients) of the steps before the event."""
+    from prunekit.schedules import Gradual
+    from prunekit.scoring import SCORES, LayerStats
+    from prunekit.training import SparsityController
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: the scores are reproducible
+    ctrl = SparsityController(model, opt, Gradual(target=0.5, start=2, end=2, frequency=1, score=score))
+    xs = [torch.randn(5, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    seen, grads = {}, {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.setdefault(n, []).append(a[0]))
+             for n, m in (("0.weight", model[0]), ("2.weight", model[2]))]
+    for x in xs:
+        model(x).pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith("weight")}
+        opt.step()
+        opt.zero_grad()
+        ctrl.step()
+    for h in hooks:
+        h.remove()
+    for name, p in ctrl.params.items():
+        norm = torch.cat(seen[name]).norm(dim=0)  # (in,): every input since the last (first) event
+        stats = LayerStats(input_norm=norm, generator=None, grad=grads[name])
+        if score == "random":
+            assert int(ctrl.masks[name].sum()) == p.numel() // 2
+            continue
+        s = SCORES.get(score)(p.detach(), stats)
+        expected = s <= s.flatten().kthvalue(p.numel() // 2).values
+        assert torch.equal(ctrl.masks[name], expected), name
+
+
+def test_training_scores_that_need_a_hessian_are_refused():
+    from prunekit.errors import ScheduleError
+    from prunekit.schedules import Gradual
+
+    with pytest.raises(ScheduleError, match="needs the layer Hessian"):
+        Gradual(target=0.5, score="obs")

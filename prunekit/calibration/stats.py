@@ -59,7 +59,6 @@ class InputStats:
         self.sq = None if gram else torch.zeros(dim, device=device)  # (in,)
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device) if moments else None  # (in,)
         self.m2 = torch.zeros(dim, dtype=torch.float64, device=device) if moments else None  # (in,)
-        self._factor: tuple[float, Tensor, Tensor] | None = None
 
     @classmethod
     def like(cls, other: InputStats) -> InputStats:
@@ -85,7 +84,6 @@ class InputStats:
             centred = x - batch_mean
             self._merge(n, batch_mean.double() + centred.mean(0).double(), column_squares(centred).double())
         self.tokens += n
-        self._factor = None
 
     def _merge(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
         n_a = self.tokens
@@ -105,7 +103,6 @@ class InputStats:
         if self.mean is not None:
             self._merge(other.tokens, other.mean, other.m2)
         self.tokens += other.tokens
-        self._factor = None
 
     def _squares(self) -> Tensor:
         return self.gram.diagonal() if self.gram is not None else self.sq
@@ -133,14 +130,3 @@ class InputStats:
     def hessian(self) -> Tensor | None:
         """(in, in) X^T X / n, or None when only norms were collected."""
         return None if self.gram is None else self.gram / max(self.tokens, 1)
-
-    def inverse_factor(self, damp: float) -> tuple[Tensor, Tensor]:
-        """Upper Cholesky factor of the damped inverse Hessian and the dead-input mask,
-        computed once and shared by every layer reading this input (q/k/v, gate/up)."""
-        from ..reconstruct.hessian import inverse_cholesky_upper
-
-        if self.gram is None:
-            raise CalibrationError("an inverse Hessian was asked of statistics collected without one")
-        if self._factor is None or self._factor[0] != damp:
-            self._factor = (damp, *inverse_cholesky_upper(self.hessian, damp))
-        return self._factor[1], self._factor[2]

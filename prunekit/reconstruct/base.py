@@ -41,12 +41,23 @@ class GroupProblem:
     stats: LayerStats
     inputs: InputStats | None
     params: SparseGPTParams
+    factor: tuple[Tensor, Tensor] | None = None  # computed once per input and shared by its layers
 
     def inverse_factor(self) -> tuple[Tensor, Tensor]:
         """(U (in, in) upper Cholesky factor of the damped H^-1, dead (in,) bool)."""
-        if self.inputs is None or self.inputs.gram is None:
-            raise CalibrationError(f"score {self.score.name!r} / sparsegpt need the layer Hessian from calibration data")
-        return self.inputs.inverse_factor(self.params.damp)
+        if self.factor is not None:
+            return self.factor
+        return inverse_factor(self.inputs, self.params.damp, self.score.name)
+
+
+def inverse_factor(inputs: InputStats | None, damp: float, who: str = "sparsegpt") -> tuple[Tensor, Tensor]:
+    """The damped inverse-Hessian factor of an input's statistics (the solver's state stays
+    here, not in the statistics)."""
+    from .hessian import inverse_cholesky_upper
+
+    if inputs is None or inputs.gram is None:
+        raise CalibrationError(f"score {who!r} / sparsegpt need the layer Hessian from calibration data")
+    return inverse_cholesky_upper(inputs.hessian, damp)
 
 
 ReconstructFn = Callable[[GroupProblem], "tuple[Tensor, Tensor]"]

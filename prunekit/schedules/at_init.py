@@ -5,7 +5,8 @@ Scores here need whole-model gradients, so they are not ``(weight, stats)`` func
 ``(model, params, data, criterion, generator) -> {name: scores}`` (higher = keep), where
 ``data`` is the :class:`~prunekit.calibration.CalibrationData` every capability shares:
 
-- ``snip``: |θ ⊙ ∂L/∂θ| (Lee et al. 2019, "SNIP: Single-shot Network Pruning based on
+- ``snip``: |θ ⊙ ∂L/∂θ|, the element score ``taylor`` of :mod:`prunekit.scoring` on the loss
+  gradient at initialisation (Lee et al. 2019, "SNIP: Single-shot Network Pruning based on
   Connection Sensitivity").
 - ``grasp``: θ ⊙ Hg, keeping the weights whose removal would most reduce gradient flow
   (Wang et al. 2020, "Picking Winning Tickets Before Training by Preserving Gradient Flow");
@@ -14,7 +15,7 @@ Scores here need whole-model gradients, so they are not ``(weight, stats)`` func
   input; data-free and applied iteratively over ``iterations`` rounds with exponentially
   rising sparsity (Tanaka et al. 2020, "Pruning neural networks without any data by
   iteratively conserving synaptic flow").
-- ``magnitude`` |θ| and ``random``: the baselines.
+- ``magnitude`` |θ| and ``random``: the baselines, the same element scores one-shot pruning uses.
 
 Each method's paper allocation is its default (global threshold for snip/grasp/synflow and
 magnitude, uniform for random); ``erk``, ``uniform``, ``global_min`` also work. ``shuffle``
@@ -36,7 +37,7 @@ from ..config import Pattern
 from ..errors import DataError, ScheduleError
 from ..masking import prunable_parameters, transposed_names
 from ..registry import Registry
-from .base import Masks, check_pattern_target, check_target, random_scores, select_masks, shuffle_masks
+from .base import Masks, check_pattern_target, check_target, element_scores, select_masks, shuffle_masks
 
 #: criterion(outputs, targets) -> scalar loss
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -80,7 +81,7 @@ def _with_criterion(data: CalibrationData, criterion: LossFn, scale: float = 1.0
 def snip(model: nn.Module, params: Mapping[str, nn.Parameter], data: CalibrationData, loss_fn: LossFn,
          generator: torch.Generator) -> dict[str, Tensor]:
     grads = loss_gradients(model, _with_criterion(data, loss_fn), params)
-    return {n: (p.detach() * grads[n]).abs() for n, p in params.items()}
+    return element_scores("taylor", params, grads=grads)  # |θ ⊙ ∂L/∂θ|, the first-order Taylor score
 
 
 @register_init_score("grasp", needs="data")
@@ -119,13 +120,13 @@ def synflow(model: nn.Module, params: Mapping[str, nn.Parameter], data: Calibrat
 @register_init_score("magnitude", needs="nothing")
 def magnitude(model: nn.Module, params: Mapping[str, nn.Parameter], data: CalibrationData | None,
               loss_fn: LossFn, generator: torch.Generator) -> dict[str, Tensor]:
-    return {n: p.detach().abs() for n, p in params.items()}
+    return element_scores("magnitude", params)
 
 
 @register_init_score("random", needs="nothing", default_allocation="uniform")
 def random(model: nn.Module, params: Mapping[str, nn.Parameter], data: CalibrationData | None,
            loss_fn: LossFn, generator: torch.Generator) -> dict[str, Tensor]:
-    return random_scores(params, generator)
+    return element_scores("random", params, generator=generator)
 
 
 @dataclass(frozen=True)

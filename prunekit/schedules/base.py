@@ -41,6 +41,19 @@ class PruneContext:
     dense_grads: Mapping[str, Tensor] = field(default_factory=dict)
     units: Sequence[Sequence[Unit]] = ()  # structural groups of coupled units, for channels=True
     transposed: frozenset[str] = frozenset()  # weights stored (in, out): transformers Conv1D
+    input_norms: Mapping[str, Tensor] = field(default_factory=dict)  # (in,) since the last pruning event
+
+    def scores(self, score: str) -> dict[str, Tensor]:
+        """Element scores of the live weights (:func:`element_scores`) from what this context holds."""
+        needs = check_training_score(score)
+        missing = [n for n in self.weights if ("input_norm" in needs and n not in self.input_norms)
+                   or ("grad" in needs and n not in self.dense_grads)]
+        if missing:
+            raise ScheduleError(f"score {score!r} reads what training steps produce ({', '.join(sorted(needs))}), but "
+                                f"none was seen for {missing[0]} before this pruning event; start pruning after at "
+                                "least one training step (start >= 1)")
+        return element_scores(score, self.weights, generator=self.generator, transposed=self.transposed,
+                              input_norms=self.input_norms, grads=self.dense_grads)
 
 
 class TrainingSchedule(Protocol):
@@ -55,6 +68,18 @@ class TrainingSchedule(Protocol):
     def needs_dense_grads(self, step: int) -> bool: ...
 
     def sparsity_at(self, step: int) -> float: ...
+
+
+def check_training_score(score: str) -> frozenset[str]:
+    """An element score a training schedule can compute: its statistics (input norms, dense
+    gradients) are gathered during training steps; a Hessian is not. Returns what it needs."""
+    from ..scoring import SCORES
+
+    needs = SCORES.get(score).needs
+    if "hessian" in needs:
+        raise ScheduleError(f"score {score!r} needs the layer Hessian, which training does not gather; use it "
+                            "in one-shot pruning, or train with magnitude, wanda, taylor or random")
+    return needs
 
 
 def check_target(target: float, what: str = "target sparsity") -> None:
@@ -166,13 +191,36 @@ def unit_masks(scores: Mapping[str, Tensor], sparsity: float, groups: Sequence[S
     return masks
 
 
+def element_scores(score: str, weights: Mapping[str, Tensor], *, generator: torch.Generator | None = None,
+                   transposed: frozenset[str] = frozenset(), input_norms: Mapping[str, Tensor] | None = None,
+                   grads: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Scores of every weight by the element score ``score`` (:data:`prunekit.scoring.SCORES`,
+    the same functions one-shot pruning uses), shaped like each weight. Scores see the
+    ``(out, in * kernel)`` view; ``input_norms[name]`` (``(in,)``) and ``grads[name]`` (shaped
+    like the weight) feed the scores that need them (Wanda, Taylor)."""
+    from ..scoring import SCORES, LayerStats
+
+    entry = SCORES.get(score)
+    out = {}
+    for name, w in weights.items():
+        w2 = w.detach().t() if name in transposed else as_2d(w.detach())  # (out, in * kernel)
+        g = (grads or {}).get(name)
+        g2 = None if g is None else (g.t() if name in transposed else as_2d(g))
+        norm = (input_norms or {}).get(name)
+        if "input_norm" in entry.needs and norm is not None and norm.numel() != w2.shape[1]:
+            raise ScheduleError(f"score {score!r} needs one input norm per input column of {name}; "
+                                "it works on Linear and Conv1D layers, not convolutions")
+        s2 = entry(w2, LayerStats(input_norm=norm, generator=generator, grad=g2))
+        out[name] = s2.t() if name in transposed else s2.reshape(w.shape)
+    return out
+
+
 def magnitudes(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {n: w.detach().abs() for n, w in weights.items()}
+    return element_scores("magnitude", weights)
 
 
 def random_scores(weights: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-    # Drawn on the CPU so a seed gives the same masks on every device.
-    return {n: torch.rand(w.shape, generator=generator).to(w.device) for n, w in weights.items()}
+    return element_scores("random", weights, generator=generator)
 
 
 def shuffle_masks(masks: Mapping[str, Tensor], generator: torch.Generator) -> Masks:
@@ -192,5 +240,5 @@ def overall_sparsity(masks: Mapping[str, Tensor]) -> float:
 
 
 __all__ = ["PruneContext", "TrainingSchedule", "Masks", "select_masks", "unit_masks", "shuffle_masks", "check_target",
-           "check_pattern_target", "nm_keep", "realised_sparsity", "magnitudes", "random_scores",
+           "check_pattern_target", "nm_keep", "realised_sparsity", "magnitudes", "random_scores", "element_scores",
            "overall_sparsity"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..config import Pattern
 from ..errors import ScheduleError
-from .base import (Masks, PruneContext, check_pattern_target, check_target, magnitudes,
+from .base import (Masks, PruneContext, check_pattern_target, check_target, check_training_score,
                    realised_sparsity, select_masks)
 
 
@@ -26,7 +26,9 @@ class Gradual:
     t_end); ``frequency``: steps between pruning events (Δt); ``initial``: s_i at t_0;
     ``allocation``: per-layer amounts (uniform, global, global_min, erk...); ``pattern``:
     unstructured or N:M; ``channels``: prune whole output channels by L2 norm instead of
-    single weights (structured variant, masks only).
+    single weights (structured variant, masks only); ``score``: any element score training
+    can compute (``magnitude``, ``wanda`` from input norms seen since the last pruning event,
+    ``taylor`` from the dense gradient of the step before it, ``random``).
     """
 
     target: float
@@ -37,8 +39,10 @@ class Gradual:
     allocation: str = "uniform"
     pattern: Pattern = field(default_factory=Pattern)
     channels: bool = False
+    score: str = "magnitude"
 
     def __post_init__(self) -> None:
+        check_training_score(self.score)
         check_target(self.target)
         check_target(self.initial, "initial sparsity")
         check_pattern_target(self.pattern, self.target)
@@ -77,14 +81,17 @@ class Gradual:
         return realised_sparsity(self.sparsity_at(step), self.pattern)
 
     def needs_dense_grads(self, step: int) -> bool:
-        return False
+        return "grad" in check_training_score(self.score) and self.is_event(step)
+
+    def needs_input_norms(self) -> bool:
+        return "input_norm" in check_training_score(self.score)
 
     def initial_masks(self, ctx: PruneContext) -> Masks | None:
         return self.update(0, ctx)
 
     def update(self, step: int, ctx: PruneContext) -> Masks | None:
-        if not self.is_event(step):
+        if not self.is_event(step) or self.sparsity_at(step) == 0.0:
             return None
-        return select_masks(magnitudes(ctx.weights), self.sparsity_at(step), allocation=self.allocation,
+        return select_masks(ctx.scores(self.score), self.sparsity_at(step), allocation=self.allocation,
                             pattern=self.pattern, keep_pruned=ctx.masks, channels=self.channels,
                             units=ctx.units, transposed=ctx.transposed)

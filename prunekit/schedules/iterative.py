@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..config import Pattern
 from ..errors import ConfigError, ScheduleError
 from ..masking import prunable_parameters, transposed_names
-from .base import Masks, check_target, magnitudes, realised_sparsity, select_masks
+from .base import Masks, check_target, check_training_score, element_scores, realised_sparsity, select_masks
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,10 @@ class Iterative:
     allocation: str = "uniform"
     pattern: Pattern = field(default_factory=Pattern)
     channels: bool = False
+    score: str = "magnitude"
 
     def __post_init__(self) -> None:
+        check_training_score(self.score)
         if self.channels and self.pattern.kind == "nm":
             raise ScheduleError("channels=True and an N:M pattern exclude each other; choose one")
         if self.rounds < 1:
@@ -93,9 +95,12 @@ class LotteryTicket:
         if self.rewind_state is None and step == self.config.rewind_step:
             self.rewind_state = _snapshot(self.model)
 
-    def prune_and_rewind(self) -> Masks:
-        """Prune to the next round's sparsity by magnitude (already-pruned weights stay pruned),
-        rewind every model tensor to the rewind point, and zero the pruned weights."""
+    def prune_and_rewind(self, input_norms: Mapping[str, Tensor] | None = None,
+                         grads: Mapping[str, Tensor] | None = None) -> Masks:
+        """Prune to the next round's sparsity by the config's element score (already-pruned
+        weights stay pruned), rewind every model tensor to the rewind point, and zero the pruned
+        weights. ``input_norms`` / ``grads``: what an activation- or gradient-aware score reads
+        (by parameter name), from the training run that just ended."""
         if self.rewind_state is None:
             raise ScheduleError(
                 f"no rewind point: training ran fewer than rewind_step={self.config.rewind_step} steps, "
@@ -104,10 +109,13 @@ class LotteryTicket:
         self.round += 1
         target = self.config.sparsity_at_round(self.round)
         check_target(target)
-        self.masks = select_masks(magnitudes(self.params), target, allocation=self.config.allocation,
+        transposed = transposed_names(self.model, self.params)
+        scores = element_scores(self.config.score, self.params, transposed=transposed, input_norms=input_norms,
+                                grads=grads, generator=torch.Generator().manual_seed(self.round))
+        self.masks = select_masks(scores, target, allocation=self.config.allocation,
                                   pattern=self.config.pattern, keep_pruned=self.masks,
                                   channels=self.config.channels, units=self.units,
-                                  transposed=transposed_names(self.model, self.params))
+                                  transposed=transposed)
         self.rewind()
         return self.masks
 

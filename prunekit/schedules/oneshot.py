@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from ..errors import DataError, UnsupportedModelError
 from ..models import find_blocks
 from ..patterns import MaskSpec, check_nm_shape
 from ..reconstruct import RECONSTRUCTIONS, GroupProblem, Segment
+from ..reconstruct.base import inverse_factor
 from ..reconstruct.mask_only import choose_masks
 from ..scoring import SCORES, LayerStats, Score
 from ..resolve import check_weights, sparsegpt_params
@@ -34,6 +35,7 @@ class Plan:
     layers: list[dict[str, Target]]
     config: PruneConfig
     score: Score
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) loss gradients, for taylor
 
     @property
     def all_layers(self) -> dict[str, Target]:
@@ -107,8 +109,8 @@ def allocate(model: nn.Module, plan: Plan, data: Any, progress: bool, device: An
                        options=_options(cfg, progress, device, "allocation statistics"))
 
     def scorer(name: str):
-        return lambda: proxy(targets[name].weight().float(),
-                             LayerStats(input_norm=norms.get(name), generator=plan.generator(name)))
+        return lambda: proxy(targets[name].weight().float(), LayerStats(
+            input_norm=norms.get(name), generator=plan.generator(name), grad=plan.grads.get(name)))
 
     refs = [LayerRef(n, plan.block_of(n), t.weight().numel(), scorer(n)) for n, t in targets.items()]
     return dict(zip(targets, rule(refs, cfg.sparsity, cfg.allocation)))
@@ -122,18 +124,23 @@ def prune_group(plan: Plan, targets: dict[str, Target], names: list[str], amount
     place, layer by layer; a reconstruction solves the layers as one stacked problem."""
     score = score or plan.score
     reconstruction = plan.config.reconstruction if inputs is not None else "none"
+    params = sparsegpt_params(plan.config)
     if reconstruction == "none":
+        shared = inverse_factor(inputs, params.damp, score.name) if "hessian" in score.needs else None
         for n in names:
             live = targets[n].weight()  # (out, in) view of the parameter
             seg = Segment(0, live.shape[0], plan.spec(amounts[n]))
-            problem = GroupProblem(live.float(), (seg,), score, stats, inputs, sparsegpt_params(plan.config))
+            layer_stats = replace(stats, grad=plan.grads.get(n))
+            problem = GroupProblem(live.float(), (seg,), score, layer_stats, inputs, params, shared)
             live.masked_fill_(choose_masks(problem), 0)
         return
     weights = [targets[n].weight().float() for n in names]  # each (out_i, in)
     bounds = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()
     segments = tuple(Segment(bounds[k], bounds[k + 1], plan.spec(amounts[n])) for k, n in enumerate(names))
     stacked = weights[0] if len(weights) == 1 else torch.cat(weights)  # reconstructions never write into it
-    problem = GroupProblem(stacked, segments, score, stats, inputs, sparsegpt_params(plan.config))
+    if plan.grads:
+        stats = replace(stats, grad=torch.cat([plan.grads[n] for n in names]))
+    problem = GroupProblem(stacked, segments, score, stats, inputs, params)
     new_weight, _ = RECONSTRUCTIONS.get(reconstruction)(problem)
     for n, seg in zip(names, segments):
         targets[n].set_weight(new_weight[seg.start : seg.stop])
@@ -145,6 +152,22 @@ def _prune_data_free(plan: Plan, targets: dict[str, Target], names: list[str], a
         prune_group(plan, targets, [name], amounts, LayerStats(generator=plan.generator(name)), None, score)
 
 
+def target_gradients(model: nn.Module, targets: dict[str, Target], data: CalibrationData) -> dict[str, torch.Tensor]:
+    """``name -> (out, in)`` loss gradient of every target, from one forward and backward of the
+    whole (dense) model per calibration batch."""
+    from ..calibration.gradients import loss_gradients
+
+    params = {f"p{i}": getattr(t.module, t.param) for i, t in enumerate(targets.values())}
+    unique = {id(p): k for k, p in params.items()}
+    grads = loss_gradients(model, data, {k: params[k] for k in unique.values()})
+    out = {}
+    for i, (name, t) in enumerate(targets.items()):
+        g = grads[unique[id(params[f"p{i}"])]]
+        g = g[t.expert] if t.expert is not None else g
+        out[name] = (g.t() if t.transposed else g).float()
+    return out
+
+
 def prune_oneshot(model: nn.Module, config: PruneConfig, data: Any = None, *, progress: bool = True,
                   device: Any = None) -> OneShotOutcome:
     """Prune ``model`` in place; returns the per-layer amounts and the unreached layers.
@@ -154,6 +177,8 @@ def prune_oneshot(model: nn.Module, config: PruneConfig, data: Any = None, *, pr
     where blocks compute (None: where the model is); the model stays where it is.
     """
     plan = make_plan(model, config)
+    if "grad" in plan.score.needs:
+        plan.grads = target_gradients(model, plan.all_layers, _calibration(data, config, f"score {config.score!r}"))
     amounts = allocate(model, plan, data, progress, device)
     targets = plan.all_layers
     outcome = OneShotOutcome(amounts)

@@ -21,12 +21,15 @@ class LayerStats:
     ``input_norm``: ``(in,)`` L2 norm of each input feature over all calibration tokens.
     ``hinv_sqrt_diag``: ``(in,)`` square root of the diagonal of the damped inverse Hessian
     ``(X^T X / n + damp I)^-1``; inside SparseGPT's loop, the diagonal of its Cholesky factor.
+    ``grad``: ``(out, in)`` gradient of the loss with respect to the weight (summed over
+    calibration or training batches).
     ``generator``: seeded generator for random scores.
     """
 
     input_norm: Tensor | None = None
     hinv_sqrt_diag: Tensor | None = None
     generator: torch.Generator | None = None
+    grad: Tensor | None = None
 
     def require(self, name: str, score: str) -> Tensor:
         value = getattr(self, name)
@@ -37,7 +40,8 @@ class LayerStats:
     def columns(self, i1: int, i2: int) -> LayerStats:
         """Statistics of input columns ``i1:i2`` (used by blockwise reconstruction)."""
         cut = lambda t: None if t is None else t[i1:i2]  # noqa: E731
-        return LayerStats(cut(self.input_norm), cut(self.hinv_sqrt_diag), self.generator)
+        grad = None if self.grad is None else self.grad[:, i1:i2]
+        return LayerStats(cut(self.input_norm), cut(self.hinv_sqrt_diag), self.generator, grad)
 
 
 ScoreFn = Callable[[Tensor, LayerStats], Tensor]
@@ -47,7 +51,7 @@ ScoreFn = Callable[[Tensor, LayerStats], Tensor]
 class Score:
     """A registered score.
 
-    ``needs``: statistics it reads (``input_norm`` or ``hessian``); empty means data-free.
+    ``needs``: statistics it reads (``input_norm``, ``hessian`` or ``grad``); empty means data-free.
     ``default_group``: the comparison group its paper uses for unstructured masks.
     ``allocation_proxy``: the score that ranks weights *across* layers for global/OWL
     allocation (itself when elementwise and cheap).

@@ -26,6 +26,43 @@ from ..schedules.base import PruneContext, TrainingSchedule
 log = logging.getLogger(__name__)
 
 
+class InputNorms:
+    """Running sums of squares of every masked layer's input features during training (for
+    activation-aware scores such as Wanda), read at each pruning event and reset after it."""
+
+    def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
+        owners = {id(getattr(m, "weight", None)): m for m in model.modules()}
+        self.sums: dict[str, Tensor] = {}
+        self.handles = []
+        for name, p in params.items():
+            module = owners.get(id(p))
+            if isinstance(module, nn.modules.conv._ConvNd) or module is None:
+                raise ConfigError(f"{name}: input norms are gathered for Linear and Conv1D layers, not "
+                                  f"{type(module).__name__}; use a data-free score for convolutions")
+            in_features = p.shape[0] if type(module).__name__ == "Conv1D" else p.shape[-1]  # Conv1D: (in, out)
+            self.handles.append(module.register_forward_pre_hook(self._hook(name, in_features)))
+
+    def _hook(self, name: str, in_features: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            with torch.no_grad():
+                x = args[0].detach().reshape(-1, in_features).float()  # (tokens, in)
+                sq = (x * x).sum(0)
+                self.sums[name] = sq if name not in self.sums else self.sums[name] + sq
+
+        return hook
+
+    def norms(self) -> dict[str, Tensor]:
+        return {n: s.sqrt() for n, s in self.sums.items()}
+
+    def reset(self) -> None:
+        self.sums.clear()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
 class SparsityController:
     """Keeps ``model``'s prunable weights masked through ``optimizer``'s steps and advances
     ``schedule``. Without a schedule, ``masks`` (True = pruned) are held fixed (lottery
@@ -51,6 +88,7 @@ class SparsityController:
         self.step_count = 0
         self.units = [list(g.units) if hasattr(g, "units") else list(g) for g in units]
         self.masker.attach(optimizer)  # raises OptimizerMismatchError first, before any change
+        self.norms = InputNorms(model, self.params) if getattr(schedule, "needs_input_norms", lambda: False)() else None
         if masks is not None:
             self.masker.set_masks(masks)
         if schedule is not None:
@@ -58,13 +96,16 @@ class SparsityController:
             self.masker.capture_dense_grads = schedule.needs_dense_grads(1)
 
     def _context(self) -> PruneContext:
+        norms = self.norms.norms() if self.norms is not None else {}
         return PruneContext(self.params, self.masker.masks, self.generator, self.masker.dense_grads, self.units,
-                            transposed_names(self.model, self.params))
+                            transposed_names(self.model, self.params), norms)
 
     def _install(self, masks: Mapping[str, Tensor] | None) -> None:
         if masks is None:
             return
         self.masker.set_masks(masks)
+        if self.norms is not None:
+            self.norms.reset()  # the next event scores with the inputs seen after this one
         log.debug("step %d: sparsity %.4f", self.step_count, self.masker.sparsity())
 
     def step(self) -> None:
@@ -106,6 +147,8 @@ class SparsityController:
     def make_permanent(self) -> nn.Module:
         """Remove every hook; the zeros stay in the weights. Returns the model."""
         self.masker.detach()
+        if self.norms is not None:
+            self.norms.close()
         return self.model
 
     # -- checkpointing ---------------------------------------------------------------------
