@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .rounding import count
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class TrainingStage:
         from .config import Pattern
         from .schedules import Gradual
 
-        end = max(1, int(round(self.prune_fraction * self.steps)))
+        end = max(1, count(self.prune_fraction, self.steps))
         return Gradual(target=self.sparsity, start=0, end=end, frequency=self.frequency, allocation=self.allocation,
                        pattern=pattern or Pattern.parse(self.pattern))
 

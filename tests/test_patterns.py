@@ -28,10 +28,11 @@ def test_nm_hand_computed():
 @pytest.mark.parametrize("amount", [0.0, 0.3, 0.5, 0.9])
 def test_unstructured_exact_counts(amount):
     s = torch.rand(37, 53, generator=torch.Generator().manual_seed(0))
+    half_up = lambda x: int(x + 0.5)  # noqa: E731 - the documented rule, by hand for these positive counts
     row = unstructured_mask(s, amount, "row")
-    assert (row.sum(1) == round(amount * 53)).all()
+    assert (row.sum(1) == half_up(amount * 53)).all()
     layer = unstructured_mask(s, amount, "layer")
-    assert int(layer.sum()) == round(amount * s.numel())
+    assert int(layer.sum()) == half_up(amount * s.numel())
     # Everything pruned scores no higher than everything kept.
     if 0 < amount:
         assert s[layer].max() <= s[~layer].min()
@@ -54,3 +55,9 @@ def test_maskspec_dispatch():
     s = torch.rand(8, 16)
     assert torch.equal(MaskSpec("nm", n=2, m=4).mask(s), nm_mask(s, 2, 4))
     assert torch.equal(MaskSpec("unstructured", 0.25, "layer").mask(s), unstructured_mask(s, 0.25, "layer"))
+
+
+def test_one_rounding_rule():
+    from prunekit.rounding import count
+
+    assert [count(0.5, 15), count(0.5, 13), count(0.3, 10), count(0.25, 6), count(0.0, 9)] == [8, 7, 3, 2, 0]

@@ -15,7 +15,7 @@ from prunekit.models.loading import load_model
 from prunekit.models.zoo import ZOO, example_input
 from prunekit.structural import GROUP_SCORES, StructureConfig, build_graph, prune_structure
 from prunekit.structural.scores import ScoreContext
-from prunekit.structural.select import count_to_remove, global_threshold, uniform
+from prunekit.allocation.units import count_to_remove, global_threshold, uniform
 
 DATA = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
 

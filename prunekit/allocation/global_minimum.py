@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import ConfigError
+from ..rounding import count
 from .base import LayerRef, register_allocation
 
 #: Each layer keeps at least this fraction of the network's average density.
@@ -38,7 +39,7 @@ def global_with_minimum(layers: Sequence[LayerRef], sparsity: float, floor: floa
     ``sum_l min(#(score_l <= t), cap_l) = k``, ``cap_l = numel_l - ceil(floor (1-s) numel_l)``;
     ties at t are shared in proportion to their counts."""
     total = sum(layer.numel for layer in layers)
-    k = round(sparsity * total)
+    k = count(sparsity, total)
     if k == 0:
         return [0.0] * len(layers)
     caps = [layer.numel - math.ceil(floor * (1.0 - sparsity) * layer.numel) for layer in layers]

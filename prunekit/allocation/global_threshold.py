@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..rounding import count
 from .base import LayerRef, register_allocation
 
 
@@ -16,7 +17,7 @@ def global_threshold(layers: Sequence[LayerRef], sparsity: float, cfg: object, i
     """Bisect the threshold t with sum_l #(score_l <= t) = k, recomputing scores per step so
     memory stays at one layer; ties at t are shared in proportion to their counts."""
     total = sum(layer.numel for layer in layers)
-    k = round(sparsity * total)
+    k = count(sparsity, total)
     if k == 0:
         return [0.0] * len(layers)
     lo = min(float(layer.scores().min()) for layer in layers)

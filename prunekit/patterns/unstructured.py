@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..rounding import count
+
 
 def count_for(amount: float, size: int) -> int:
-    """Number of elements pruned out of ``size`` at fraction ``amount`` (round half to even)."""
-    return int(round(amount * size))
+    """Number of elements pruned out of ``size`` at fraction ``amount`` (:mod:`prunekit.rounding`)."""
+    return count(amount, size)
 
 
 def lowest_per_row(scores: Tensor, k: int) -> Tensor:

@@ -19,6 +19,7 @@ from ..config import Allocation, Pattern
 from ..errors import ScheduleError
 from ..masking import as_2d
 from ..patterns import MaskSpec, check_nm_shape
+from ..rounding import count
 
 Masks = dict[str, Tensor]
 if TYPE_CHECKING:
@@ -182,7 +183,7 @@ def unit_masks(scores: Mapping[str, Tensor], sparsity: float, groups: Sequence[S
             value[u] = sum(float(scores[m.param].index_select(m.dim, i).float().pow(2).sum()) for m, i in zip(inside, idx))
             old = [keep_pruned[m.param].index_select(m.dim, i) for m, i in zip(inside, idx) if m.param in keep_pruned]
             done[u] = bool(old) and all(bool(o.all()) for o in old)
-        k = min(int(math.floor(sparsity * len(units) + 1e-9)), len(units) - 1)
+        k = min(count(sparsity, len(units)), len(units) - 1)
         value[done] = -1.0  # already removed: stays removed, ranked first
         for u in torch.argsort(value, stable=True)[:k].tolist():
             for m in units[u]:

@@ -19,6 +19,7 @@ from ..calibration import CalibrationData, Observer, RunOptions, run_sequential
 from ..errors import ConfigError, StructureError
 from ..models.decoder import block_list
 from ..registry import Registry
+from ..scoring.random import uniform_scores
 
 EXPERT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -94,7 +95,7 @@ def router_norm(model: nn.Module, layers: list[MoELayer], data: CalibrationData 
 def random_experts(model: nn.Module, layers: list[MoELayer], data: CalibrationData | None, gen: torch.Generator,
                    options: RunOptions) -> list[Tensor]:
     """Random expert scores: the control."""
-    return [torch.rand(layer.count, generator=gen) for layer in layers]
+    return [uniform_scores(layer.count, gen) for layer in layers]
 
 
 def remove_experts(model: nn.Module, layer: MoELayer, drop: list[int]) -> None:

@@ -16,8 +16,9 @@ from ..calibration import CalibrationData, Observer, RunOptions, run_sequential
 from ..errors import ConfigError, StructureError
 from ..models.decoder import find_blocks
 from ..registry import Registry
+from ..scoring.random import uniform_scores
 from .remove import owner_of
-from .select import half_up
+from ..rounding import count
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,13 @@ def block_influence(model: nn.Module, data: CalibrationData | None, gen: torch.G
 def random_blocks(model: nn.Module, data: CalibrationData | None, gen: torch.Generator,
                   options: RunOptions) -> Tensor:
     """Random block scores: the control for depth pruning."""
-    return torch.rand(len(find_blocks(model)[1]), generator=gen)
+    return uniform_scores(len(find_blocks(model)[1]), gen)
 
 
 def choose_blocks(scores: Tensor, ratio: float) -> list[int]:
-    """Indices of the ``round(ratio * n)`` lowest-scoring blocks (at least one block stays)."""
+    """Indices of the ``count(ratio, n)`` lowest-scoring blocks (:mod:`prunekit.rounding`; one block stays)."""
     n = scores.numel()
-    k = half_up(ratio * n)
+    k = count(ratio, n)
     if k >= n:
         raise ConfigError(f"ratio {ratio} would remove all {n} blocks; use a ratio below {(n - 0.5) / n:.3f}")
     return sorted(torch.argsort(scores, stable=True)[:k].tolist())

@@ -18,7 +18,7 @@ from .config import StructureConfig
 from .graph import Graph, Group, Member, build_graph
 from .remove import remove_units
 from .scores import ScoreContext, check_applies, input_dim
-from .select import count_to_remove, global_threshold, lowest, uniform
+from ..allocation.units import count_to_remove, global_threshold, lowest, uniform
 from .stats import input_moments
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,9 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..registry import Registry
 from ..calibration.stats import InputStats
+from ..scoring import SCORES, LayerStats
+from ..scoring.random import uniform_scores
+from ..scoring.taylor import first_order
 from .graph import Member
 from .remove import owner_of
 
@@ -103,23 +106,28 @@ def _per_member(units: list[tuple[Member, ...]], ctx: ScoreContext, fn: Callable
     return total
 
 
+def _element(name: str, t: Tensor, **stats: Tensor) -> Tensor:
+    """The element score ``name`` of :data:`prunekit.scoring.SCORES` on a tensor's slices."""
+    return SCORES.get(name)(t, LayerStats(**stats))
+
+
 @register("l2")
 def l2(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
-    """L2 norm of all the unit's weights (Li et al., "Pruning Filters for Efficient ConvNets", 2017)."""
-    return _per_member(units, ctx, lambda s, k: s.pow(2).flatten(1).sum(1)).sqrt()
+    """L2 norm of the magnitude scores of all the unit's weights (Li et al., "Pruning Filters
+    for Efficient ConvNets", 2017)."""
+    return _per_member(units, ctx, lambda s, k: _element("magnitude", s).pow(2).flatten(1).sum(1)).sqrt()
 
 
 @register("l1")
 def l1(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
-    """L1 norm of all the unit's weights (Li et al. 2017)."""
-    return _per_member(units, ctx, lambda s, k: s.abs().flatten(1).sum(1))
+    """Sum of the magnitude scores of all the unit's weights (Li et al. 2017)."""
+    return _per_member(units, ctx, lambda s, k: _element("magnitude", s).flatten(1).sum(1))
 
 
 @register("random")
 def random(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
     """A seeded random score: the control every structured criterion must beat."""
-    # Drawn on the CPU so a seed gives the same choice on every device.
-    return torch.rand(len(units), generator=ctx.generator).to(ctx.zeros(0).device)
+    return uniform_scores(len(units), ctx.generator, ctx.zeros(0))
 
 
 @register("taylor", needs=("grads",))
@@ -133,7 +141,7 @@ def taylor(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
         if g is None:
             continue
         w = member_slices(ctx.tensor(m.param).float(), units, k)
-        total += (w * member_slices(g.float(), units, k)).flatten(1).sum(1)
+        total += first_order(w, member_slices(g.float(), units, k)).flatten(1).sum(1)
     return total.pow(2)
 
 
@@ -186,7 +194,7 @@ def wanda(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
     """Structured Wanda: ``sum_j ||x_j||_2 * sum_i |W_ij|`` over the unit's input features
     of the layers consuming it (Sun et al., "A Simple and Effective Pruning Approach for
     LLMs", 2023, structured variant)."""
-    return _consumer_score(units, ctx, lambda w, mom: w.abs().sum(1) * mom.input_norm.to(w))
+    return _consumer_score(units, ctx, lambda w, mom: _element("wanda", w.t(), input_norm=mom.input_norm).sum(0))
 
 
 @register("flap", needs=("inputs",))

@@ -1,4 +1,6 @@
-"""Allocation for structural pruning: how many units each group loses, and which ones.
+"""Allocation over groups of units (structural pruning): how many units each group loses,
+and which ones. The layer-level rules (uniform, global, OWL, ERK...) are the registered
+entries of this package; these are their counterparts for groups.
 
 Pure functions of per-group scores: uniform (each group loses its ratio), global (one
 threshold over scores normalised by each group's mean, as in Torch-Pruning's global
@@ -6,24 +8,18 @@ ranking), per-group overrides, rounding kept counts to a multiple.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-
-
-def half_up(x: float) -> int:
-    """Round halves up (Python's round() sends 7.5 to 8 but 6.5 to 6)."""
-    return int(math.floor(x + 0.5 + 1e-9))
+from ..rounding import count
 
 
 def count_to_remove(n: int, ratio: float, round_to: int, name: str) -> int:
     """Units to remove from a group of ``n`` so ``n - k`` is a multiple of ``round_to``."""
-    k = half_up(ratio * n)
+    k = count(ratio, n)
     if round_to > 1 and k > 0:
-        kept = max(round_to, half_up((n - k) / round_to) * round_to)
+        kept = max(round_to, count(1.0, (n - k) / round_to) * round_to)
         k = max(n - kept, 0)
     if k >= n:
         raise ConfigError(
@@ -49,7 +45,7 @@ def global_threshold(scores: list[Tensor], ratio: float, names: list[str]) -> li
     normed = [s / s.mean() if float(s.mean()) > 0 else torch.ones_like(s) for s in scores]
     flat = torch.cat(normed)
     owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
-    budget = half_up(ratio * flat.numel())
+    budget = count(ratio, flat.numel())
     left = [s.numel() for s in scores]
     chosen: list[list[int]] = [[] for _ in scores]
     offsets = [0]
