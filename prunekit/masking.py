@@ -18,7 +18,6 @@ unchanged, and :meth:`Masker.detach` leaves a plain dense-format model ("make pe
 """
 from __future__ import annotations
 
-import re
 from typing import Iterable, Mapping
 
 import torch
@@ -26,59 +25,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, OptimizerMismatchError
 
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' GPT-2 style Conv1D: a Linear with a transposed (in, out) weight.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def _heads(model: nn.Module) -> set[int]:
-    """ids of output heads left dense by default: a Hugging Face model's output embeddings and
-    any layer whose weight is an embedding table (tied heads)."""
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    heads = {id(m) for m in model.modules() if id(getattr(m, "weight", None)) in tables and not isinstance(m, nn.Embedding)}
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        out = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        out = None
-    if isinstance(out, nn.Module):
-        heads.add(id(out))
-    return heads
-
-
-def prunable_parameters(model: nn.Module, ignore: Iterable[str] = (),
-                        types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES,
-                        include_heads: bool = False) -> dict[str, nn.Parameter]:
-    """The ``weight`` of every Linear/Conv module (and transformers ``Conv1D``) by full
-    parameter name, minus names matching a regular expression in ``ignore``. Biases, norms and
-    embeddings are never candidates; a Hugging Face LM head (tied or not) is left dense unless
-    ``include_heads``, as in one-shot pruning."""
-    patterns = [re.compile(rx) for rx in ignore]
-    heads = set() if include_heads else _heads(model)
-    params = {}
-    for mod_name, module in model.named_modules():
-        if id(module) in heads:
-            continue
-        if (isinstance(module, types) or _is_conv1d(module)) and isinstance(getattr(module, "weight", None),
-                                                                           nn.Parameter):
-            name = f"{mod_name}.weight" if mod_name else "weight"
-            if not any(rx.search(name) for rx in patterns):
-                params[name] = module.weight
-    if not params:
-        raise ConfigError(
-            f"no prunable parameters in {type(model).__name__} (looked for {[t.__name__ for t in types]}"
-            f" weights, ignore={list(ignore)}); check the model or the ignore list"
-        )
-    return params
-
-
-def transposed_names(model: nn.Module, params: Mapping[str, nn.Parameter]) -> frozenset[str]:
-    """Names among ``params`` of weights stored ``(in, out)`` (transformers ``Conv1D``)."""
-    conv1d = {id(m.weight) for m in model.modules() if _is_conv1d(m)}
-    return frozenset(n for n, p in params.items() if id(p) in conv1d)
+from .targets import PRUNABLE_TYPES, prunable_parameters, transposed_names  # noqa: F401 (re-exported)
 
 
 def as_2d(t: Tensor) -> Tensor:

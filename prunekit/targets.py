@@ -1,5 +1,8 @@
-"""Choosing candidate weights: supported layer types, names, the ignore list; and the
-``(out, in)`` weight view every score and pattern works on.
+"""The one target selector: which weights are candidates (supported layer types, names, the
+ignore list, heads and embeddings excluded) and the ``(out, in)`` view every score and pattern
+works on. One-shot pruning selects inside each block (:func:`select_layers`: Linear, Conv1D and
+fused experts); training-time pruning over the whole model (:func:`prunable_parameters`:
+Linear, Conv and Conv1D weights).
 
 A :class:`Target` is one weight matrix that is pruned as its own problem: an ``nn.Linear``, a
 transformers ``Conv1D`` (a Linear stored as ``(in, out)``), or one expert's slice of a fused
@@ -10,18 +13,70 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .errors import UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 from .models.moe import ExpertsLayout, experts_layout, router_names
 
 
 def _is_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 style Conv1D: a Linear with a transposed (in, out) weight.
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _heads(model: nn.Module) -> set[int]:
+    """ids of output heads left dense by default: a Hugging Face model's output embeddings and
+    any layer whose weight is an embedding table (tied heads)."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    heads = {id(m) for m in model.modules() if id(getattr(m, "weight", None)) in tables and not isinstance(m, nn.Embedding)}
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        out = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        out = None
+    if isinstance(out, nn.Module):
+        heads.add(id(out))
+    return heads
+
+
+def prunable_parameters(model: nn.Module, ignore: Iterable[str] = (),
+                        types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES,
+                        include_heads: bool = False) -> dict[str, nn.Parameter]:
+    """The ``weight`` of every Linear/Conv module (and transformers ``Conv1D``) by full
+    parameter name, minus names matching a regular expression in ``ignore``. Biases, norms and
+    embeddings are never candidates; a Hugging Face LM head (tied or not) is left dense unless
+    ``include_heads``, as in one-shot pruning."""
+    patterns = [re.compile(rx) for rx in ignore]
+    heads = set() if include_heads else _heads(model)
+    params = {}
+    for mod_name, module in model.named_modules():
+        if id(module) in heads:
+            continue
+        if (isinstance(module, types) or _is_conv1d(module)) and isinstance(getattr(module, "weight", None),
+                                                                           nn.Parameter):
+            name = f"{mod_name}.weight" if mod_name else "weight"
+            if not any(rx.search(name) for rx in patterns):
+                params[name] = module.weight
+    if not params:
+        raise ConfigError(
+            f"no prunable parameters in {type(model).__name__} (looked for {[t.__name__ for t in types]}"
+            f" weights, ignore={list(ignore)}); check the model or the ignore list"
+        )
+    return params
+
+
+def transposed_names(model: nn.Module, params: Mapping[str, nn.Parameter]) -> frozenset[str]:
+    """Names among ``params`` of weights stored ``(in, out)`` (transformers ``Conv1D``)."""
+    conv1d = {id(m.weight) for m in model.modules() if _is_conv1d(m)}
+    return frozenset(n for n, p in params.items() if id(p) in conv1d)
+
+
 
 
 def is_supported(module: nn.Module) -> bool:

@@ -19,13 +19,7 @@ from torch import nn
 
 from ..models.rebuild import STRUCTURE_FILE, load_structured, read_record, resize_to  # noqa: F401 (re-exported)
 
-#: Config attributes that describe per-layer sizes, by what they count.
-SIZE_ATTRS = {
-    "intermediate": ("intermediate_size", "ffn_dim", "n_inner"),
-    "heads": ("num_attention_heads",),
-    "kv_heads": ("num_key_value_heads",),
-    "hidden": ("hidden_size",),
-}
+from ..models.adapters import Adapter, adapter_for
 
 
 def fit_hf_config(model: nn.Module) -> bool:
@@ -35,22 +29,18 @@ def fit_hf_config(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return False
+    adapter = adapter_for(model)
     shapes = _shapes(model)
-    for candidate in _candidates(model, config):
+    for candidate in _candidates(model, config, adapter):
         fresh = _fresh_shapes(model, candidate)
         if fresh is not None and fresh != shapes:
-            fresh = _with_bias_switches(model, candidate, shapes, fresh)
+            fresh = _with_bias_switches(model, candidate, shapes, fresh, adapter.bias_switches)
         if fresh is not None and fresh == _shapes(model):
             for key, value in candidate.to_dict().items():
-                if getattr(config, key, None) != value and (key in SIZE_KEYS or key in BIAS_SWITCHES):
+                if getattr(config, key, None) != value and (key in adapter.size_fields or key in adapter.bias_switches):
                     setattr(config, key, value)
             return True
     return False
-
-
-SIZE_KEYS = {a for attrs in SIZE_ATTRS.values() for a in attrs} | {"n_embd", "n_head", "d_model"}
-#: config switches that give a whole family of layers biases (Llama-style configs)
-BIAS_SWITCHES = ("mlp_bias", "attention_bias")
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -65,7 +55,8 @@ def _fresh_shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]] |
             return None
 
 
-def _with_bias_switches(model: nn.Module, candidate: Any, shapes: dict, fresh: dict) -> dict | None:
+def _with_bias_switches(model: nn.Module, candidate: Any, shapes: dict, fresh: dict,
+                        switches: tuple[str, ...]) -> dict | None:
     """If ``model`` differs from ``candidate`` only by extra biases, and turning on the config's
     bias switches makes every shape match once the other layers they cover get zero biases,
     do that (biases added, switches set on ``candidate``) and return the new shapes; else None
@@ -76,7 +67,7 @@ def _with_bias_switches(model: nn.Module, candidate: Any, shapes: dict, fresh: d
     if any(fresh[k] != shapes[k] for k in fresh):
         return None
     switched = copy.deepcopy(candidate)
-    flags = [f for f in BIAS_SWITCHES if getattr(switched, f, None) is False]
+    flags = [f for f in switches if getattr(switched, f, None) is False]
     for flag in flags:
         setattr(switched, flag, True)
     wanted = _fresh_shapes(model, switched)
@@ -97,30 +88,39 @@ def _with_bias_switches(model: nn.Module, candidate: Any, shapes: dict, fresh: d
     return wanted
 
 
-def _candidates(model: nn.Module, config: Any) -> list[Any]:
+def _candidates(model: nn.Module, config: Any, adapter: Adapter) -> list[Any]:
     """The current config, then one with sizes read off the first layer of each kind."""
-    sizes = _sizes_from_model(model)
+    sizes = _sizes_from_model(model, adapter)
     updated = copy.deepcopy(config)
     for kind, value in sizes.items():
-        for attr in SIZE_ATTRS[kind]:
+        for attr in adapter.sizes.get(kind, ()):
             if hasattr(updated, attr) and value is not None:
                 setattr(updated, attr, value)
     return [config, updated]
 
 
-def _sizes_from_model(model: nn.Module) -> dict[str, int | None]:
+def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    for name in names:
+        try:
+            return module.get_submodule(name)
+        except AttributeError:
+            continue
+    return None
+
+
+def _sizes_from_model(model: nn.Module, adapter: Adapter) -> dict[str, int | None]:
     sizes: dict[str, int | None] = {}
+    layout = adapter.attention
     for m in model.modules():
         if "heads" not in sizes and isinstance(getattr(m, "num_key_value_groups", None), int):
-            q = getattr(m, "q_proj", None)
-            k = getattr(m, "k_proj", None)
+            q, k = _child(m, layout.query), _child(m, layout.key)
             head_dim = getattr(m, "head_dim", None)
             if q is not None and k is not None and isinstance(head_dim, int):
                 sizes["heads"] = q.weight.shape[0] // head_dim
                 sizes["kv_heads"] = k.weight.shape[0] // head_dim
-        for up in ("up_proj", "fc1", "c_fc"):
-            layer = getattr(m, up, None)
-            if "intermediate" not in sizes and layer is not None and hasattr(layer, "weight"):
+        if "intermediate" not in sizes and not isinstance(m, nn.ModuleList):
+            layer = _child(m, adapter.mlp_up)
+            if layer is not None and isinstance(getattr(layer, "weight", None), torch.Tensor) and m is not model:
                 w = layer.weight
                 sizes["intermediate"] = w.shape[1] if type(layer).__name__ == "Conv1D" else w.shape[0]
         if "hidden" not in sizes and isinstance(m, nn.Embedding) and m is _input_embeddings(model):

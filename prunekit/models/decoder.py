@@ -8,7 +8,24 @@ from ..errors import UnsupportedModelError
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The ModuleList holding most of the model's parameters and its qualified name, or None."""
+    """The model's blocks and their qualified name: where its family's adapter says they are,
+    else the ModuleList holding most parameters; None if there is none. An encoder-decoder
+    model is refused (it has two stacks)."""
+    from .adapters import adapter_for, check_single_stack
+
+    check_single_stack(model)
+    path = adapter_for(model).blocks
+    if path is not None:
+        try:
+            found = model.get_submodule(path)
+        except AttributeError:
+            found = None
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return path, found
+        # a head class (e.g. GPT2LMHeadModel) puts the base model one level down
+        for prefix, module in model.named_modules():
+            if prefix and isinstance(module, nn.ModuleList) and prefix.endswith("." + path) and len(module) > 0:
+                return prefix, module
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:

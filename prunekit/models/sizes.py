@@ -9,11 +9,7 @@ from typing import Any
 
 from torch import nn
 
-HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
-KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
-Q_NAMES = ("q_proj", "query", "q", "q_lin", "to_q")
-K_NAMES = ("k_proj", "key", "k", "k_lin", "to_k")
-FUSED_NAMES = ("c_attn", "qkv", "query_key_value", "Wqkv", "to_qkv")
+from .adapters import GENERIC, AttentionLayout, adapter_for
 
 
 def snapshot(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -28,9 +24,10 @@ def snapshot(model: nn.Module) -> dict[str, dict[str, Any]]:
 def sync_attributes(model: nn.Module, before: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Set size attributes from parameter shapes; return what changed."""
     before = before or snapshot(model)
+    layout = adapter_for(model).attention
     changes: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
-        new = _sizes(m, before.get(name))
+        new = _sizes(m, before.get(name), layout)
         diff = {k: v for k, v in new.items() if getattr(m, k, None) != v}
         for k, v in diff.items():
             setattr(m, k, v)
@@ -47,7 +44,7 @@ def apply_attributes(model: nn.Module, changes: dict[str, dict[str, Any]]) -> No
             setattr(module, k, tuple(v) if isinstance(getattr(module, k, None), tuple) else v)
 
 
-def _sizes(m: nn.Module, old: dict[str, Any] | None) -> dict[str, Any]:
+def _sizes(m: nn.Module, old: dict[str, Any] | None, layout: AttentionLayout = GENERIC.attention) -> dict[str, Any]:
     w = getattr(m, "weight", None)
     if isinstance(m, nn.Linear):
         return {"out_features": w.shape[0], "in_features": w.shape[1]}
@@ -67,17 +64,17 @@ def _sizes(m: nn.Module, old: dict[str, Any] | None) -> dict[str, Any]:
         return {"num_embeddings": w.shape[0], "embedding_dim": w.shape[1]}
     if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):  # Hugging Face GPT-2 style (in, out)
         return {"nf": w.shape[1]}
-    return _attention_sizes(m)
+    return _attention_sizes(m, layout)
 
 
-def _attention_sizes(m: nn.Module) -> dict[str, Any]:
+def _attention_sizes(m: nn.Module, layout: AttentionLayout) -> dict[str, Any]:
     head_dim = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
     if not isinstance(head_dim, int):
         return {}
     children = dict(m.named_children())
-    q = next((children[n] for n in Q_NAMES if n in children), None)
-    k = next((children[n] for n in K_NAMES if n in children), None)
-    fused = next((children[n] for n in FUSED_NAMES if n in children), None)
+    q = next((children[n] for n in layout.query if n in children), None)
+    k = next((children[n] for n in layout.key if n in children), None)
+    fused = next((children[n] for n in layout.fused if n in children), None)
     if q is not None:
         q_size = _out_size(q)
         kv_size = _out_size(k) if k is not None else q_size
@@ -86,8 +83,8 @@ def _attention_sizes(m: nn.Module) -> dict[str, Any]:
     else:
         return {}
     heads, kv = q_size // head_dim, kv_size // head_dim
-    out: dict[str, Any] = {a: heads for a in HEAD_ATTRS if isinstance(getattr(m, a, None), int)}
-    out.update({a: kv for a in KV_ATTRS if isinstance(getattr(m, a, None), int)})
+    out: dict[str, Any] = {a: heads for a in layout.head_attrs if isinstance(getattr(m, a, None), int)}
+    out.update({a: kv for a in layout.kv_attrs if isinstance(getattr(m, a, None), int)})
     if isinstance(getattr(m, "num_key_value_groups", None), int):
         out["num_key_value_groups"] = heads // max(kv, 1)
     if isinstance(getattr(m, "split_size", None), int):

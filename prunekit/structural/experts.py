@@ -17,11 +17,13 @@ from torch import Tensor, nn
 
 from ..calibration import CalibrationData, Observer, RunOptions, run_sequential
 from ..errors import ConfigError, StructureError
+from ..models.adapters import GENERIC
 from ..models.decoder import block_list
 from ..registry import Registry
 from ..scoring.random import uniform_scores
 
-EXPERT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+#: the generic adapter's expert-count fields (attributes of MoE modules use the same names)
+EXPERT_ATTRS = GENERIC.sizes["experts"]
 
 
 @dataclass(frozen=True)

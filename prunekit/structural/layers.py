@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..calibration import CalibrationData, Observer, RunOptions, run_sequential
 from ..errors import ConfigError, StructureError
+from ..models.adapters import adapter_for
 from ..models.decoder import find_blocks
 from ..registry import Registry
 from ..scoring.random import uniform_scores
@@ -71,18 +72,21 @@ def remove_blocks(model: nn.Module, drop: list[int]) -> dict[str, Any]:
     """Delete blocks ``drop`` from the model's block list; renumber per-layer indices and
     the config (``num_hidden_layers``, ``layer_types``). Returns the config changes."""
     name, blocks = find_blocks(model)
+    adapter = adapter_for(model)
     keep = [b for i, b in enumerate(blocks) if i not in set(drop)]
     setattr(*owner_of(model, name), nn.ModuleList(keep))
     for new_index, block in enumerate(keep):
         for m in block.modules():
-            if isinstance(getattr(m, "layer_idx", None), int):
-                m.layer_idx = new_index
+            if isinstance(getattr(m, adapter.layer_index, None), int):
+                setattr(m, adapter.layer_index, new_index)
     changes: dict[str, Any] = {}
     config = getattr(model, "config", None)
     if config is not None:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        changes["num_hidden_layers"] = len(keep)
-        text.num_hidden_layers = len(keep)
+        for field_ in adapter.sizes["layers"]:
+            if isinstance(getattr(text, field_, None), int):
+                changes[field_] = len(keep)
+                setattr(text, field_, len(keep))
         types = getattr(text, "layer_types", None)
         if isinstance(types, list) and len(types) == len(blocks):
             text.layer_types = [t for i, t in enumerate(types) if i not in set(drop)]

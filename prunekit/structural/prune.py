@@ -201,7 +201,8 @@ def _prune_layers(model: nn.Module, cfg: StructureConfig, data: CalibrationData 
 
 def _prune_experts(model: nn.Module, cfg: StructureConfig, data: CalibrationData | None,
                    options: RunOptions) -> tuple[list[dict[str, Any]], dict]:
-    from .experts import EXPERT_ATTRS, EXPERT_SCORES, find_moe_layers, remove_experts
+    from ..models.adapters import adapter_for
+    from .experts import EXPERT_SCORES, find_moe_layers, remove_experts
 
     layers = [layer for layer in find_moe_layers(model) if not cfg.ignored(layer.name)]
     if not layers:
@@ -219,7 +220,7 @@ def _prune_experts(model: nn.Module, cfg: StructureConfig, data: CalibrationData
     counts = {layer.count for layer in layers}
     if config is not None and len(counts) == 1:
         n = counts.pop()
-        for attr in EXPERT_ATTRS:
+        for attr in adapter_for(model).sizes["experts"]:
             if isinstance(getattr(config, attr, None), int):
                 setattr(config, attr, n)
                 changes[attr] = n
