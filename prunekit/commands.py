@@ -43,7 +43,7 @@ def _allocation(args: argparse.Namespace) -> Any:
 
 def prune_recipe(args: argparse.Namespace) -> Any:
     """The recipe ``prunekit prune`` runs: a saved recipe, or one stage built from the flags."""
-    from .config import Allocation, PruneConfig, Target
+    from .config import PruneConfig, Target
     from .reconstruct.sparsegpt import SparseGPTParams
     from .recipe import CalibrationSpec, Recipe, one_stage
     from .structural import StructureConfig

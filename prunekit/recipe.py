@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
@@ -47,9 +47,6 @@ class CalibrationSpec:
 
     def as_calibration(self) -> Calibration:
         return Calibration(self.nsamples, self.seqlen, self.batch_size, self.seed, self.sequential, self.offload)
-
-
-Stage = Union[PruneConfig, "StructureConfig", TrainingStage, RecoveryStage]  # noqa: F821
 
 
 @dataclass(frozen=True)

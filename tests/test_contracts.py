@@ -73,3 +73,52 @@ def test_every_allocation(name, sparsity):
     mean = sum(a * r.numel for a, r in zip(amounts, refs)) / sum(r.numel for r in refs)
     assert mean == pytest.approx(sparsity, abs=0.01)
     assert ALLOCATIONS.get(name)(refs, sparsity, Allocation(name)) == amounts  # deterministic
+
+
+def test_every_registry_has_generated_contract_tests():
+    """A new registry must come with contract tests generated over its entries: this lists the
+    registries that have them (here and in test_dtype_device.py, test_models.py, test_adapters.py)."""
+    from prunekit.registry import ALL, catalogue
+
+    catalogue()  # imports every module that registers entries
+    covered = {"scores", "patterns", "allocations", "reconstructions", "methods", "unit_scores", "layer_scores",
+               "expert_scores", "init_scores", "adapters"}
+    assert set(ALL) == covered
+
+
+@pytest.mark.parametrize("method", __import__("prunekit.config", fromlist=["METHODS"]).METHODS.names())
+def test_every_method_preset_resolves_and_prunes_exactly(method):
+    from conftest import tiny_model
+    from prunekit.config import PruneConfig
+    from prunekit.evaluate import sparsity_report
+    from prunekit.resolve import check
+    from prunekit.schedules import prune_oneshot
+
+    cfg = PruneConfig.from_method(method, sparsity=0.5)
+    check(cfg)
+    model = tiny_model("llama")
+    prune_oneshot(model, cfg, torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0)),
+                  progress=False)
+    assert sparsity_report(model)["sparsity"] == pytest.approx(0.5, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", __import__("prunekit.models.adapters", fromlist=["ADAPTERS"]).ADAPTERS.names())
+def test_every_adapter_finds_its_family_blocks(name):
+    import transformers as tf
+
+    from prunekit.models.adapters import adapter_for
+    from prunekit.models.decoder import find_blocks
+
+    configs = {"generic": tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1),
+               "gpt2": tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2),
+               "opt": tf.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                   word_embed_proj_dim=32),
+               "bert": tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64)}
+    cls = tf.BertModel if name == "bert" else tf.AutoModelForCausalLM.from_config
+    model = cls(configs[name])
+    adapter = adapter_for(model)
+    assert adapter.name == name
+    path, blocks = find_blocks(model)
+    assert len(blocks) == 2 and (adapter.blocks is None or path.endswith(adapter.blocks))

@@ -7,8 +7,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from ..atomic import write_dir_atomically
 from ..errors import OutputError
 

@@ -8,16 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import StructureError
-from .facets import full, varying
-from .rules import _arg, _is_param, _pad, _stat, merge, rule
+from ...errors import StructureError
+from ..facets import full, varying
+from .base import arg, is_param, merge, pad_to, rule, stat
 
 
 # --- layers with weights ------------------------------------------------------------------------
 def _param_axis(tr: Any, w: Tensor, dim: int, buffer: bool = False) -> Tensor | None:
     """The ids along ``dim`` of a weight (a parameter, or a tensor sliced from one)."""
     for f in tr.of(w, buffer):
-        f = _pad(f, w.ndim)
+        f = pad_to(f, w.ndim)
         if varying(f) == (dim,):
             return f.reshape(-1)
     return None
@@ -26,7 +26,7 @@ def _param_axis(tr: Any, w: Tensor, dim: int, buffer: bool = False) -> Tensor | 
 @rule("linear")
 def linear(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     x, w = args[0], args[1]
-    b = _arg(args, kwargs, 2, "bias")
+    b = arg(args, kwargs, 2, "bias")
     w_out, w_in = _param_axis(tr, w, 0), _param_axis(tr, w, 1)
     tr.trace.macs += out.numel() * w.shape[1]
     _contract(tr, x, w_in, -1)
@@ -36,7 +36,7 @@ def linear(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
 def _emit(tr: Any, x: Tensor, out: Tensor, w_out: Tensor | None, bias: Any, dim: int) -> None:
     """The output of a layer: ``x``'s facets not along ``dim``, plus the weight's output ids
     along ``dim`` (which produce units), coupled with the bias."""
-    facets = [f for f in tr.of(x) if dim not in varying(_pad(f, x.ndim))]
+    facets = [f for f in tr.of(x) if dim not in varying(pad_to(f, x.ndim))]
     if w_out is not None:
         tr.trace.mark("producers", w_out)
         if bias is not None and (b_ids := _param_axis(tr, bias, 0)) is not None:
@@ -51,7 +51,7 @@ def _contract(tr: Any, x: Tensor, ids: Tensor | None, dim: int) -> None:
     """Couple the units of ``x`` along ``dim`` with the weight's input ids ``(in,)``."""
     dim = dim % x.ndim
     for f in tr.of(x):
-        f = _pad(f, x.ndim)
+        f = pad_to(f, x.ndim)
         if dim in varying(f) and ids is not None:
             shape = [1] * x.ndim
             shape[dim] = -1
@@ -63,8 +63,8 @@ def _contract(tr: Any, x: Tensor, ids: Tensor | None, dim: int) -> None:
 @rule("conv1d", "conv2d", "conv3d")
 def conv(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     x, w = args[0], args[1]
-    b = _arg(args, kwargs, 2, "bias")
-    groups = int(_arg(args, kwargs, 6, "groups", 1))
+    b = arg(args, kwargs, 2, "bias")
+    groups = int(arg(args, kwargs, 6, "groups", 1))
     w_out, w_in = _param_axis(tr, w, 0), _param_axis(tr, w, 1)
     tr.trace.macs += out.numel() * w[0].numel()
     if groups == 1:
@@ -88,8 +88,8 @@ def conv(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
 @rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def conv_transpose(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     x, w = args[0], args[1]
-    b = _arg(args, kwargs, 2, "bias")
-    if int(_arg(args, kwargs, 6, "groups", 1)) != 1:
+    b = arg(args, kwargs, 2, "bias")
+    if int(arg(args, kwargs, 6, "groups", 1)) != 1:
         raise StructureError(f"grouped {name} is not supported (in {tr.where()!r}); exclude it with ignore=[...]")
     w_in, w_out = _param_axis(tr, w, 0), _param_axis(tr, w, 1)
     tr.trace.macs += x.numel() * w[0].numel()
@@ -112,7 +112,7 @@ def _channel_params(tr: Any, x: Tensor, params: list[Any], dim: int, out: Tensor
 def batch_norm(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     x = args[0]
     keys = ("running_mean", "running_var", "weight", "bias")
-    params = [_arg(args, kwargs, i + 1, k) for i, k in enumerate(keys)]
+    params = [arg(args, kwargs, i + 1, k) for i, k in enumerate(keys)]
     _channel_params(tr, x, params, 1, out)
 
 
@@ -120,27 +120,27 @@ def batch_norm(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
 def group_norm(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     x = args[0]
     for f in tr.of(x):
-        if 1 in varying(_pad(f, x.ndim)):
+        if 1 in varying(pad_to(f, x.ndim)):
             tr.trace.mark("frozen", f)  # channel groups must stay whole and equal
-    _channel_params(tr, x, [_arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")], 1, out)
+    _channel_params(tr, x, [arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")], 1, out)
 
 
 @rule("layer_norm", "rms_norm")
 def layer_norm(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     x = args[0]
-    shape = _arg(args, kwargs, 1, "normalized_shape")
+    shape = arg(args, kwargs, 1, "normalized_shape")
     if len(shape) != 1:
         raise StructureError(f"{name} over {len(shape)} dims is not supported (in {tr.where()!r})")
     for f in tr.of(x):
-        if x.ndim - 1 in varying(_pad(f, x.ndim)):
-            _stat(tr, _pad(f, x.ndim), (x.ndim - 1,))
+        if x.ndim - 1 in varying(pad_to(f, x.ndim)):
+            stat(tr, pad_to(f, x.ndim), (x.ndim - 1,))
     keys = ("weight", "bias") if name == "layer_norm" else ("weight",)
-    _channel_params(tr, x, [_arg(args, kwargs, i + 2, k) for i, k in enumerate(keys)], x.ndim - 1, out)
+    _channel_params(tr, x, [arg(args, kwargs, i + 2, k) for i, k in enumerate(keys)], x.ndim - 1, out)
 
 
 @rule("embedding")
 def embedding(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-    w = _arg(args, kwargs, 1, "weight")
+    w = arg(args, kwargs, 1, "weight")
     vocab, dim = _param_axis(tr, w, 0), _param_axis(tr, w, 1)
     tr.trace.mark("frozen", vocab)
     if dim is not None:
@@ -158,8 +158,8 @@ def matmul(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         return
     tr.trace.macs += out.numel() * a.shape[-1]
     nd = out.ndim
-    fa = [_pad(f, a.ndim) for f in tr.of(a)]
-    fb = [_pad(f, b.ndim) for f in tr.of(b)]
+    fa = [pad_to(f, a.ndim) for f in tr.of(a)]
+    fb = [pad_to(f, b.ndim) for f in tr.of(b)]
     batch = set(range(nd - 2))
     # contraction: a's last dim against b's second-to-last
     for f in fa:
@@ -169,7 +169,7 @@ def matmul(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
                     tr.trace.uf.couple(f.reshape(-1), g.reshape(-1))
     facets: list[Tensor] = []
     tagged = [(f, False) for f in fa] + [(g, True) for g in fb]
-    heads = [(_pad(f, nd), is_b) for f, is_b in tagged if set(varying(_pad(f, nd))) & batch]
+    heads = [(pad_to(f, nd), is_b) for f, is_b in tagged if set(varying(pad_to(f, nd))) & batch]
     if heads:
         # A batch axis that carries units (attention heads): each operand's batch slice is one
         # unit; the query side couples with the key/value side with kind "kv".
@@ -186,18 +186,18 @@ def matmul(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
             tr.trace.uf.couple(reps[False], reps[True], kind="kv")
         # an operand with units but none along the batch axes: one head shared by all of them
         for f, is_b in tagged:
-            if (not is_b) in reps and not set(varying(_pad(f, nd))) & batch and not _is_param(tr, b if is_b else a):
+            if (not is_b) in reps and not set(varying(pad_to(f, nd))) & batch and not is_param(tr, b if is_b else a):
                 _shared_head(tr, f, reps[not is_b])
         facets.append(next(iter(reps.values())).unsqueeze(-1))
     if not heads:
         for f in fa:
             if varying(f) == (a.ndim - 2,):
-                facets.append(_pad(f[..., :, :1], nd))
+                facets.append(pad_to(f[..., :, :1], nd))
         for g in fb:
             if varying(g) == (b.ndim - 1,):
-                if _is_param(tr, b):
+                if is_param(tr, b):
                     tr.trace.mark("producers", g)
-                facets.append(_pad(g[..., :1, :], nd))
+                facets.append(pad_to(g[..., :1, :], nd))
         for f in fa:
             if a.ndim - 1 in varying(f) and set(varying(f)) - {a.ndim - 1}:
                 raise StructureError(f"{name} mixes unit axes (in {tr.where()!r})")
@@ -222,8 +222,8 @@ def addmm(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     bias, m1, m2 = args[0], args[1], args[2]
     tmp = torch.empty(out.shape)
     matmul(tr, "matmul", (m1, m2), {}, tmp)
-    parts = [(tr.of(tmp), False), (tr.of(bias), _is_param(tr, bias))]
-    if _is_param(tr, m2) and (ids := _param_axis(tr, m2, 1)) is not None and (bi := _param_axis(tr, bias, 0)) is not None:
+    parts = [(tr.of(tmp), False), (tr.of(bias), is_param(tr, bias))]
+    if is_param(tr, m2) and (ids := _param_axis(tr, m2, 1)) is not None and (bi := _param_axis(tr, bias, 0)) is not None:
         tr.trace.uf.couple(ids, bi)
         parts = [(tr.of(tmp), False)]
     tr.set(out, merge(tr, parts, out.ndim))

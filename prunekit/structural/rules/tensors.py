@@ -1,95 +1,16 @@
-"""Coupling rules: how each torch op moves unit labels (facets) and couples them.
-
-A rule is ``rule(tracer, name, args, kwargs, out)``; it reads input facets with
-``tracer.of(t)``, couples ids with ``tracer.trace.uf.couple(...)`` and sets the output's
-facets with ``tracer.set(out, facets)``. One table, :data:`RULES`, maps op names to rules.
-"""
+"""Rules for ops that move or combine activations: shape-preserving, elementwise, indexing,
+padding, concatenation, spatial ops, reductions and ops along one dim."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import StructureError
-from .facets import full, varying
-
-Rule = Callable[..., None]
-RULES: dict[str, Rule] = {}
-
-
-def rule(*names: str) -> Callable[[Rule], Rule]:
-    def add(fn: Rule) -> Rule:
-        for n in names:
-            RULES[n] = fn
-        return fn
-
-    return add
-
-
-def _pad(f: Tensor, ndim: int) -> Tensor:
-    while f.ndim < ndim:
-        f = f.unsqueeze(0)
-    return f
-
-
-def _arg(args: tuple, kwargs: dict, i: int, key: str, default: Any = None) -> Any:
-    if key in kwargs:
-        return kwargs[key]
-    return args[i] if len(args) > i else default
-
-
-def merge(tr: Any, parts: list[tuple[list[Tensor], bool]], ndim: int) -> list[Tensor]:
-    """Elementwise semantics: facets varying along the same dims are the same units.
-
-    ``parts``: per operand, its facets and whether it is a parameter. An activation facet
-    varying along a strict subset of another's dims (a per-head gate on per-channel data)
-    is coupled with every id of the slice it broadcasts over. A parameter facet in that
-    position is shared across units (a per-head-dim norm weight used by all heads): it is
-    frozen rather than coupled, so it does not merge the heads.
-    """
-    acts = sorted(
-        (_pad(f, ndim) for fs, is_param in parts if not is_param for f in fs),
-        key=lambda f: -len(varying(f)),
-    )
-    params = [_pad(f, ndim) for fs, is_param in parts if is_param for f in fs]
-    out: list[Tensor] = []
-    for f in acts + params:
-        is_param = any(f is p for p in params)
-        vf = set(varying(f))
-        same = next((r for r in out if set(varying(r)) == vf), None)
-        if same is not None:
-            tr.trace.uf.couple(same, f)
-            continue
-        wider = next((r for r in out if vf < set(varying(r))), None)
-        if wider is not None:
-            if is_param or not vf:
-                tr.trace.mark("frozen", f)
-            else:
-                _couple_slices(tr, wider, f)
-            continue
-        if is_param and acts:
-            continue  # e.g. the position axis of a position embedding: not a unit
-        out.append(f)
-    return out
-
-
-def _couple_slices(tr: Any, wide: Tensor, narrow: Tensor) -> None:
-    """Couple each id of ``narrow`` with every id of ``wide`` in the slice it covers."""
-    shape = torch.broadcast_shapes(wide.shape, narrow.shape)
-    w, n = full(wide, shape), full(narrow, shape)
-    keep = varying(narrow)
-    order = list(keep) + [d for d in range(len(shape)) if d not in keep]
-    rows = [shape[d] for d in keep]
-    w = w.permute(order).reshape(int(torch.tensor(rows).prod()) if rows else 1, -1)
-    n = n.permute(order).reshape(w.shape[0], -1)[:, :1]
-    tr.trace.uf.couple(w, n)
-
-
-def _is_param(tr: Any, t: Any) -> bool:
-    return tr.is_weight(t)
-
+from ...errors import StructureError
+from ..facets import full, varying
+from .base import arg, couple_slices, is_param, merge, pad_to, rule, stat
 
 # --- shape-preserving ------------------------------------------------------------------
 IDENTITY = (
@@ -123,7 +44,7 @@ def elementwise(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None
     if not isinstance(out, Tensor):
         return
     ops = [a for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor)]
-    parts = [(tr.of(a), _is_param(tr, a)) for a in ops]
+    parts = [(tr.of(a), is_param(tr, a)) for a in ops]
     if any(fs for fs, _ in parts):
         tr.set(out, merge(tr, parts, out.ndim))
 
@@ -177,7 +98,7 @@ def func_on_ids(name: str, ids: Tensor, args: tuple, kwargs: dict) -> Any:
 @rule("pad")
 def pad(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     x = args[0]
-    widths = _arg(args, kwargs, 1, "pad")
+    widths = arg(args, kwargs, 1, "pad")
     tr.set(out, [F.pad(full(f, x.shape), widths, value=-1) for f in tr.of(x)])
 
 
@@ -205,7 +126,7 @@ def scatter(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         return
     dim = args[1] if isinstance(args[1], int) else 0
     for f in tr.of(src):
-        if dim % src.ndim in varying(_pad(f, src.ndim)):
+        if dim % src.ndim in varying(pad_to(f, src.ndim)):
             raise StructureError(f"cannot trace {name} along a dim that carries units (in {tr.where()!r})")
     parts = [(tr.of(x), False), ([f.narrow(dim, 0, 1) if f.shape[dim] > 1 else f for f in tr.of(src)], False)]
     tr.set(out, merge(tr, parts, out.ndim))
@@ -213,12 +134,12 @@ def scatter(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
 
 @rule("cat", "concat", "concatenate")
 def cat(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-    xs = list(_arg(args, kwargs, 0, "tensors"))
-    dim = _arg(args, kwargs, 1, "dim", 0) % out.ndim
+    xs = list(arg(args, kwargs, 0, "tensors"))
+    dim = arg(args, kwargs, 1, "dim", 0) % out.ndim
     fs = [tr.of(x) for x in xs]
     if not any(fs):
         return
-    along = [[f for f in fx if dim in varying(_pad(f, x.ndim))] for fx, x in zip(fs, xs)]
+    along = [[f for f in fx if dim in varying(pad_to(f, x.ndim))] for fx, x in zip(fs, xs)]
     count = max(len(a) for a in along)
     if any(0 < len(a) < count for a in along):
         raise StructureError(f"cat of tensors with different unit axes (in {tr.where()!r})")
@@ -236,9 +157,9 @@ def cat(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
 
 @rule("stack")
 def stack(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-    xs = list(_arg(args, kwargs, 0, "tensors"))
-    dim = _arg(args, kwargs, 1, "dim", 0) % out.ndim
-    parts = [([_pad(f, x.ndim).unsqueeze(dim) for f in tr.of(x)], False) for x in xs]
+    xs = list(arg(args, kwargs, 0, "tensors"))
+    dim = arg(args, kwargs, 1, "dim", 0) % out.ndim
+    parts = [([pad_to(f, x.ndim).unsqueeze(dim) for f in tr.of(x)], False) for x in xs]
     if any(fs for fs, _ in parts):
         tr.set(out, merge(tr, parts, out.ndim))
 
@@ -256,7 +177,7 @@ def spatial(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     x = args[0]
     facets = tr.of(x)
     for f in facets:
-        if any(d >= 2 for d in varying(_pad(f, x.ndim))) or name == "pixel_shuffle":
+        if any(d >= 2 for d in varying(pad_to(f, x.ndim))) or name == "pixel_shuffle":
             raise StructureError(f"{name} mixes positions that carry units (in {tr.where()!r})")
     for o in ([out] if isinstance(out, Tensor) else out):
         tr.set(o, list(facets))
@@ -273,37 +194,29 @@ def reduce(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     facets = tr.of(x)
     if not facets:
         return
-    dims = _arg(args, kwargs, 2 if name == "norm" else 1, "dim")
+    dims = arg(args, kwargs, 2 if name == "norm" else 1, "dim")
     if isinstance(dims, Tensor) or (name in ("max", "min") and len(args) > 1 and isinstance(args[1], Tensor)):
         return elementwise(tr, name, args, kwargs, out)
     dims = tuple(range(x.ndim)) if dims is None else ((dims,) if isinstance(dims, int) else tuple(dims))
     dims = tuple(d % x.ndim for d in dims)
-    keep = bool(_arg(args, kwargs, 3 if name == "norm" else 2, "keepdim", False))
+    keep = bool(arg(args, kwargs, 3 if name == "norm" else 2, "keepdim", False))
     outs = [out] if isinstance(out, Tensor) else [o for o in out if isinstance(o, Tensor)]
     result = []
     for f in facets:
-        f = _pad(f, x.ndim)
+        f = pad_to(f, x.ndim)
         vf = set(varying(f))
         if vf & set(dims):
             if name in STAT:
-                _stat(tr, f, dims)
+                stat(tr, f, dims)
             if name in ("max", "min", "amax", "amin") and len(outs) > 1:
                 tr.trace.mark("frozen", f)  # an argmax over units depends on which exist
             if not vf - set(dims):
                 continue
-            _couple_slices(tr, f, _first_along(f, dims))
+            couple_slices(tr, f, _first_along(f, dims))
             f = _first_along(f, dims)
         result.append(f if keep else _drop(f, dims))
     for o in outs:
         tr.set(o, [r for r in result if r.ndim == o.ndim])
-
-
-def _stat(tr: Any, f: Tensor, dims: tuple[int, ...]) -> None:
-    """Record the slices a normalisation statistic averages over: removing some units of a
-    slice (but not all) changes the statistic, so such removal is inexact."""
-    rest = [d for d in range(f.ndim) if d not in dims]
-    rows = f.permute(rest + list(dims)).reshape(-1, int(torch.tensor([f.shape[d] for d in dims]).prod()))
-    tr.trace.roles["inexact"].append(torch.unique(rows, dim=0))
 
 
 def _first_along(f: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -325,13 +238,13 @@ def along_dim(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     facets = tr.of(x)
     if not facets:
         return
-    dim = _arg(args, kwargs, 1, "dim", -1)
+    dim = arg(args, kwargs, 1, "dim", -1)
     if name == "topk":
-        dim = _arg(args, kwargs, 2, "dim", -1)
+        dim = arg(args, kwargs, 2, "dim", -1)
     dim = (dim if isinstance(dim, int) else -1) % x.ndim
     kept = []
     for f in facets:
-        if dim in varying(_pad(f, x.ndim)):
+        if dim in varying(pad_to(f, x.ndim)):
             tr.trace.mark("frozen", f)  # each output depends on which units exist
         else:
             kept.append(f)
@@ -342,4 +255,3 @@ def along_dim(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
 
 # The rules for layers with weights (linear, conv, norms, embeddings, attention) register
 # themselves into RULES on import.
-from . import rules_weights  # noqa: E402,F401
