@@ -70,10 +70,12 @@ class AllocationRule:
 ALLOCATIONS: Registry[AllocationRule] = Registry("allocation")
 
 
-def register_allocation(name: str, *, uses_scores: bool = True,
-                        params: type | None = None) -> Callable[[AllocateFn], AllocateFn]:
+def register_allocation(name: str, *, uses_scores: bool = True, params: type | None = None,
+                        paper: str = "") -> Callable[[AllocateFn], AllocateFn]:
+    """Register ``fn`` as allocation ``name`` taking the parameter dataclass ``params``;
+    ``paper``: its citation (see :mod:`prunekit.registry`)."""
     def add(fn: AllocateFn) -> AllocateFn:
-        ALLOCATIONS.register(name)(AllocationRule(fn, uses_scores, params))
+        ALLOCATIONS.register(name, paper=paper, params=params)(AllocationRule(fn, uses_scores, params))
         return fn
 
     return add

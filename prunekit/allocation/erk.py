@@ -56,6 +56,8 @@ def _prod(shape: tuple[int, ...]) -> int:
     return out
 
 
-@register_allocation("erk", uses_scores=False, params=ErkParams)
+@register_allocation("erk", uses_scores=False, params=ErkParams,
+                     paper="Evci et al. 2020, Rigging the Lottery: Making All Tickets Winners (RigL, ERK)")
 def erk(layers: Sequence[LayerRef], sparsity: float, params: ErkParams) -> list[float]:
+    """Erdős–Rényi-Kernel: smaller layers stay denser."""
     return [1.0 - d for d in erk_densities([_shape(layer) for layer in layers], sparsity, params.power)]

@@ -62,4 +62,5 @@ def global_with_minimum(layers: Sequence[LayerRef], sparsity: float, floor: floa
 
 @register_allocation("global_min", params=GlobalMinParams)
 def global_min(layers: Sequence[LayerRef], sparsity: float, params: GlobalMinParams) -> list[float]:
+    """Global threshold, a minimum density per layer."""
     return global_with_minimum(layers, sparsity, params.floor)

@@ -14,7 +14,9 @@ def _counts(layers: Sequence[LayerRef], t: float) -> list[int]:
 
 @register_allocation("global")
 def global_threshold(layers: Sequence[LayerRef], sparsity: float, cfg: object, iters: int = 40) -> list[float]:
-    """Bisect the threshold t with sum_l #(score_l <= t) = k, recomputing scores per step so
+    """One score threshold across all layers.
+
+    Bisect the threshold t with sum_l #(score_l <= t) = k, recomputing scores per step so
     memory stays at one layer; ties at t are shared in proportion to their counts."""
     total = sum(layer.numel for layer in layers)
     k = count(sparsity, total)

@@ -53,8 +53,11 @@ def owl_sparsities(ratios: torch.Tensor, sparsity: float, lam: float) -> torch.T
     return (1.0 - density).clamp(0.0, 0.999)
 
 
-@register_allocation("owl", params=OwlParams)
+@register_allocation("owl", params=OwlParams,
+                     paper="Yin et al. 2024, Outlier Weighed Layerwise Sparsity: A Missing Secret Sauce for Pruning "
+                           "LLMs to High Sparsity (OWL)")
 def owl(layers: Sequence[LayerRef], sparsity: float, params: OwlParams) -> list[float]:
+    """Outlier-weighted layerwise sparsity."""
     ratios = outlier_ratios(layers, params.m)
     blocks = sorted(ratios)
     per_block = owl_sparsities(torch.tensor([ratios[b] for b in blocks], dtype=torch.float64), sparsity, params.lam)

@@ -8,4 +8,5 @@ from .base import LayerRef, register_allocation
 
 @register_allocation("uniform", uses_scores=False)
 def uniform(layers: Sequence[LayerRef], sparsity: float, cfg: object) -> list[float]:
+    """Every layer gets the target sparsity."""
     return [sparsity] * len(layers)

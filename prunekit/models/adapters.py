@@ -63,19 +63,24 @@ ADAPTERS: Registry[Adapter] = Registry("model adapter", "adapters")
 GENERIC = Adapter("generic")
 
 
-def register_adapter(adapter: Adapter) -> Adapter:
-    return ADAPTERS.register(adapter.name)(adapter)
+def register_adapter(adapter: Adapter, description: str) -> Adapter:
+    """Register a family's adapter; ``description``: one line for ``prunekit list`` (an
+    adapter is data, with no docstring of its own)."""
+    return ADAPTERS.register(adapter.name, description=description)(adapter)
 
 
-register_adapter(GENERIC)
+register_adapter(GENERIC, "Fallback: common HF names (Llama, Qwen, ...)")
 register_adapter(replace(GENERIC, name="gpt2", model_types=("gpt2",), blocks="transformer.h",
                          sizes={**GENERIC.sizes, "intermediate": ("n_inner",), "heads": ("n_head",),
-                                "hidden": ("n_embd",), "layers": ("n_layer",)}))
+                                "hidden": ("n_embd",), "layers": ("n_layer",)}),
+                 "GPT-2: blocks at transformer.h, fused c_attn")
 register_adapter(replace(GENERIC, name="opt", model_types=("opt",), blocks="model.decoder.layers",
-                         sizes={**GENERIC.sizes, "intermediate": ("ffn_dim",)}))
+                         sizes={**GENERIC.sizes, "intermediate": ("ffn_dim",)}),
+                 "OPT: blocks at model.decoder.layers")
 register_adapter(replace(GENERIC, name="bert", model_types=("bert",), blocks="encoder.layer",
                          mlp_up=("intermediate.dense",),
-                         attention=replace(AttentionLayout(), head_attrs=("num_attention_heads",))))
+                         attention=replace(AttentionLayout(), head_attrs=("num_attention_heads",))),
+                 "BERT (encoder-only): blocks at encoder.layer")
 
 #: families with two stacks: pruning one silently would leave a half-pruned model
 ENCODER_DECODER_HINT = ("prunekit prunes decoder-only (and encoder-only) models block by block; prune the "

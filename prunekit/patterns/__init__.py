@@ -13,7 +13,7 @@ from .unstructured import count_for, lowest_overall, lowest_per_row, unstructure
 MaskFn = Callable[..., Tensor]
 PATTERNS: Registry[MaskFn] = Registry("pattern")
 PATTERNS.register("unstructured")(unstructured_mask)
-PATTERNS.register("nm")(nm_mask)
+PATTERNS.register("nm", paper="Mishra et al. 2021, Accelerating Sparse Deep Neural Networks (2:4 sparsity)")(nm_mask)
 
 
 @dataclass(frozen=True)

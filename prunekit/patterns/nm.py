@@ -17,7 +17,9 @@ def check_nm_shape(in_features: int, m: int, name: str = "layer") -> None:
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
-    """Mask (True = prune) keeping the ``n`` highest of every ``m`` along dim 1 of (out, in)."""
+    """Keep n of every m consecutive weights (2:4).
+
+    Mask (True = prune) keeping the ``n`` highest of every ``m`` along dim 1 of (out, in)."""
     out_f, in_f = scores.shape
     check_nm_shape(in_f, m)
     groups = scores.reshape(out_f, in_f // m, m)  # (out, in/m, m)

@@ -31,7 +31,9 @@ def lowest_overall(scores: Tensor, k: int) -> Tensor:
 
 
 def unstructured_mask(scores: Tensor, amount: float, group: str) -> Tensor:
-    """Prune fraction ``amount`` of ``scores`` (out, in), compared per ``row`` or per ``layer``."""
+    """Any weights: the lowest scores per row or layer.
+
+    Prunes fraction ``amount`` of ``scores`` (out, in), compared per ``row`` or per ``layer``."""
     if group == "row":
         return lowest_per_row(scores, count_for(amount, scores.shape[1]))
     return lowest_overall(scores, count_for(amount, scores.numel()))

@@ -25,5 +25,6 @@ def choose_masks(problem: GroupProblem) -> Tensor:
 
 @RECONSTRUCTIONS.register("none")
 def mask_only(problem: GroupProblem) -> tuple[Tensor, Tensor]:
+    """Mask each layer once and zero the pruned weights."""
     pruned = choose_masks(problem)
     return problem.weight.masked_fill(pruned, 0.0), pruned

@@ -54,8 +54,11 @@ def block_mask(scores: Tensor, segments: tuple[Segment, ...], i1: int, i2: int) 
     return pruned
 
 
-@RECONSTRUCTIONS.register("sparsegpt")
+@RECONSTRUCTIONS.register("sparsegpt", params=SparseGPTParams,
+                          paper="Frantar & Alistarh 2023, SparseGPT: Massive Language Models Can Be Accurately "
+                                "Pruned in One-Shot (SparseGPT)")
 def sparsegpt(problem: GroupProblem) -> tuple[Tensor, Tensor]:
+    """Column by column, OBS updates of the rest."""
     spec = problem.segments[0].spec
     nm = spec.kind == "nm"
     upper, dead = problem.inverse_factor()  # (in, in), (in,)

@@ -60,9 +60,11 @@ INIT_SCORES: Registry[InitScore] = Registry("score at initialisation", "init_sco
 
 
 def register_init_score(name: str, *, needs: Literal["data", "input", "nothing"], default_allocation: str = "global",
-                        iterative: bool = False) -> Callable[[InitScoreFn], InitScoreFn]:
+                        iterative: bool = False, paper: str = "") -> Callable[[InitScoreFn], InitScoreFn]:
+    """Register ``fn`` as score at initialisation ``name``; ``paper``: its citation (see
+    :mod:`prunekit.registry`)."""
     def add(fn: InitScoreFn) -> InitScoreFn:
-        INIT_SCORES.register(name)(InitScore(fn, needs, default_allocation, iterative))
+        INIT_SCORES.register(name, paper=paper)(InitScore(fn, needs, default_allocation, iterative))
         return fn
 
     return add
@@ -77,16 +79,21 @@ def _with_criterion(data: CalibrationData, criterion: LossFn, scale: float = 1.0
     return data.with_loss(loss)
 
 
-@register_init_score("snip", needs="data")
+@register_init_score("snip", needs="data",
+                     paper="Lee et al. 2019, SNIP: Single-shot Network Pruning based on Connection Sensitivity (SNIP)")
 def snip(model: nn.Module, params: Mapping[str, nn.Parameter], data: CalibrationData, loss_fn: LossFn,
          generator: torch.Generator) -> dict[str, Tensor]:
+    """Connection sensitivity |θ * dL/dθ| at init."""
     grads = loss_gradients(model, _with_criterion(data, loss_fn), params)
     return element_scores("taylor", params, grads=grads)  # |θ ⊙ ∂L/∂θ|, the first-order Taylor score
 
 
-@register_init_score("grasp", needs="data")
+@register_init_score("grasp", needs="data",
+                     paper="Wang et al. 2020, Picking Winning Tickets Before Training by Preserving Gradient Flow "
+                           "(GraSP)")
 def grasp(model: nn.Module, params: Mapping[str, nn.Parameter], data: CalibrationData, loss_fn: LossFn,
           generator: torch.Generator, temperature: float = 200.0) -> dict[str, Tensor]:
+    """Preserve gradient flow: scores θ * Hg."""
     scaled = _with_criterion(data, loss_fn, temperature)
     g = loss_gradients(model, scaled, params)  # g, held fixed
     hg = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -100,9 +107,12 @@ def grasp(model: nn.Module, params: Mapping[str, nn.Parameter], data: Calibratio
     return {n: p.detach() * hg[n] for n, p in params.items()}
 
 
-@register_init_score("synflow", needs="input", iterative=True)
+@register_init_score("synflow", needs="input", iterative=True,
+                     paper="Tanaka et al. 2020, Pruning neural networks without any data by iteratively conserving "
+                           "synaptic flow (SynFlow)")
 def synflow(model: nn.Module, params: Mapping[str, nn.Parameter], data: CalibrationData, loss_fn: LossFn,
             generator: torch.Generator) -> dict[str, Tensor]:
+    """Synaptic flow |θ * dR/dθ|: data-free, iterative."""
     # Runs on a float64 copy with |θ| (linearised network): R = 1^T (prod_l |W_l|) 1 overflows
     # float32 quickly in deep nets. BatchNorm in eval mode, as in the reference code.
     x0 = data.batches[0].args[0]
@@ -120,12 +130,14 @@ def synflow(model: nn.Module, params: Mapping[str, nn.Parameter], data: Calibrat
 @register_init_score("magnitude", needs="nothing")
 def magnitude(model: nn.Module, params: Mapping[str, nn.Parameter], data: CalibrationData | None,
               loss_fn: LossFn, generator: torch.Generator) -> dict[str, Tensor]:
+    """Weight magnitude |θ| at init: the baseline."""
     return element_scores("magnitude", params)
 
 
 @register_init_score("random", needs="nothing", default_allocation="uniform")
 def random(model: nn.Module, params: Mapping[str, nn.Parameter], data: CalibrationData | None,
            loss_fn: LossFn, generator: torch.Generator) -> dict[str, Tensor]:
+    """Seeded random scores at init: the control."""
     return element_scores("random", params, generator=generator)
 
 

@@ -76,9 +76,11 @@ def register_score(
     needs: tuple[str, ...] = (),
     default_group: Literal["row", "layer"] = "row",
     allocation_proxy: str | None = None,
+    paper: str = "",
 ) -> Callable[[ScoreFn], ScoreFn]:
+    """Register ``fn`` as score ``name``; ``paper``: its citation (see :mod:`prunekit.registry`)."""
     def add(fn: ScoreFn) -> ScoreFn:
-        SCORES.register(name)(Score(name, fn, frozenset(needs), default_group, allocation_proxy or name))
+        SCORES.register(name, paper=paper)(Score(name, fn, frozenset(needs), default_group, allocation_proxy or name))
         return fn
 
     return add

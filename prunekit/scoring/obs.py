@@ -10,7 +10,9 @@ from torch import Tensor
 from .base import LayerStats, register_score
 
 
-@register_score("obs", needs=("hessian",), default_group="layer", allocation_proxy="wanda")
+@register_score("obs", needs=("hessian",), default_group="layer", allocation_proxy="wanda",
+                paper="Hassibi & Stork 1993, Second Order Derivatives for Network Pruning: Optimal Brain Surgeon (OBS)")
 def obs(weight: Tensor, stats: LayerStats) -> Tensor:
+    """OBS saliency w^2 / [H^-1]_jj from the Hessian."""
     d = stats.require("hinv_sqrt_diag", "obs")  # (in,)
     return (weight / d.to(weight.dtype)).square()  # (out, in)

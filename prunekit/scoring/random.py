@@ -19,4 +19,5 @@ def uniform_scores(shape: tuple[int, ...] | int, generator: torch.Generator | No
 
 @register_score("random", default_group="layer")
 def random(weight: Tensor, stats: LayerStats) -> Tensor:
+    """Seeded uniform random scores: the control."""
     return uniform_scores(tuple(weight.shape), stats.generator, weight)  # (out, in)

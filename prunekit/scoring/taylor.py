@@ -16,6 +16,8 @@ def first_order(weight: Tensor, grad: Tensor) -> Tensor:
     return weight * grad.to(weight.dtype)
 
 
-@register_score("taylor", needs=("grad",), default_group="layer")
+@register_score("taylor", needs=("grad",), default_group="layer",
+                paper="Molchanov et al. 2017, Pruning Convolutional Neural Networks for Resource Efficient Inference")
 def taylor(weight: Tensor, stats: LayerStats) -> Tensor:
+    """First-order Taylor loss change |W * dL/dW|."""
     return first_order(weight, stats.require("grad", "taylor")).abs()  # (out, in)

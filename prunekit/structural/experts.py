@@ -56,10 +56,14 @@ ExpertScore = Callable[[nn.Module, list[MoELayer], "CalibrationData | None", tor
 EXPERT_SCORES: Registry[ExpertScore] = Registry("expert score", "expert_scores")
 
 
-@EXPERT_SCORES.register("frequency")
+@EXPERT_SCORES.register("frequency",
+                        paper="Lu et al. 2024, Not All Experts are Equal: Efficient Expert Pruning and Skipping for "
+                              "Mixture-of-Experts Large Language Models")
 def frequency(model: nn.Module, layers: list[MoELayer], data: CalibrationData | None, gen: torch.Generator,
               options: RunOptions) -> list[Tensor]:
-    """Per layer, ``(experts,)`` routing weight summed over calibration tokens, the routers
+    """Routing weight per expert on calibration data.
+
+    Per layer, ``(experts,)`` routing weight summed over calibration tokens, the routers
     watched while the sequential runner computes each block."""
     if not data:
         raise ConfigError("expert frequency needs calibration data (--calib TEXT or data=...)")
@@ -89,7 +93,7 @@ def _block_count(model: nn.Module) -> int:
 @EXPERT_SCORES.register("router_norm")
 def router_norm(model: nn.Module, layers: list[MoELayer], data: CalibrationData | None, gen: torch.Generator,
                 options: RunOptions) -> list[Tensor]:
-    """Per layer, the L2 norm of each expert's router row (data-free)."""
+    """L2 norm of each expert's router row (data-free)."""
     return [layer.router.weight.detach().float().norm(dim=1) for layer in layers]
 
 

@@ -28,11 +28,15 @@ BlockScore = Callable[[nn.Module, "CalibrationData | None", torch.Generator, Run
 LAYER_SCORES: Registry[BlockScore] = Registry("layer score", "layer_scores")
 
 
-@LAYER_SCORES.register("block_influence")
+@LAYER_SCORES.register("block_influence",
+                       paper="Men et al. 2024, ShortGPT: Layers in Large Language Models are More Redundant Than "
+                             "You Expect (ShortGPT)")
 def block_influence(model: nn.Module, data: CalibrationData | None, gen: torch.Generator,
                     options: RunOptions) -> Tensor:
-    """``(blocks,)`` mean over tokens of ``1 - cos(h_in, h_out)`` (ShortGPT), each block's
-    input and output seen by the sequential runner."""
+    """1 - cos(h_in, h_out): blocks that change least go.
+
+    ``(blocks,)`` mean over tokens of ``1 - cos(h_in, h_out)``, each block's input and output
+    seen by the sequential runner."""
     if not data:
         raise ConfigError("block influence needs calibration data (--calib TEXT or data=...)")
     name, blocks = find_blocks(model)
@@ -55,7 +59,7 @@ def block_influence(model: nn.Module, data: CalibrationData | None, gen: torch.G
 @LAYER_SCORES.register("random")
 def random_blocks(model: nn.Module, data: CalibrationData | None, gen: torch.Generator,
                   options: RunOptions) -> Tensor:
-    """Random block scores: the control for depth pruning."""
+    """Random block scores: the control."""
     return uniform_scores(len(find_blocks(model)[1]), gen)
 
 

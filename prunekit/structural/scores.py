@@ -74,9 +74,11 @@ class GroupScore:
 GROUP_SCORES: Registry[GroupScore] = Registry("structural score", "unit_scores")
 
 
-def register(name: str, needs: tuple[str, ...] = (), structures: frozenset[str] = UNIT_STRUCTURES):
+def register(name: str, needs: tuple[str, ...] = (), structures: frozenset[str] = UNIT_STRUCTURES, paper: str = ""):
+    """Register ``fn`` as unit score ``name`` for ``structures``; ``paper``: its citation (see
+    :mod:`prunekit.registry`)."""
     def add(fn: UnitScore) -> UnitScore:
-        GROUP_SCORES.register(name)(GroupScore(fn, frozenset(needs), frozenset(structures)))
+        GROUP_SCORES.register(name, paper=paper)(GroupScore(fn, frozenset(needs), frozenset(structures)))
         return fn
 
     return add
@@ -111,30 +113,33 @@ def _element(name: str, t: Tensor, **stats: Tensor) -> Tensor:
     return SCORES.get(name)(t, LayerStats(**stats))
 
 
-@register("l2")
+@register("l2", paper="Li et al. 2017, Pruning Filters for Efficient ConvNets")
 def l2(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
-    """L2 norm of the magnitude scores of all the unit's weights (Li et al., "Pruning Filters
-    for Efficient ConvNets", 2017)."""
+    """L2 norm of the unit's weights (data-free).
+
+    The L2 norm of the magnitude scores of all the unit's weights."""
     return _per_member(units, ctx, lambda s, k: _element("magnitude", s).pow(2).flatten(1).sum(1)).sqrt()
 
 
-@register("l1")
+@register("l1", paper="Li et al. 2017, Pruning Filters for Efficient ConvNets")
 def l1(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
-    """Sum of the magnitude scores of all the unit's weights (Li et al. 2017)."""
+    """L1 norm of the unit's weights (data-free).
+
+    The sum of the magnitude scores of all the unit's weights."""
     return _per_member(units, ctx, lambda s, k: _element("magnitude", s).flatten(1).sum(1))
 
 
 @register("random")
 def random(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
-    """A seeded random score: the control every structured criterion must beat."""
+    """Seeded random unit scores: the control."""
     return uniform_scores(len(units), ctx.generator, ctx.zeros(0))
 
 
-@register("taylor", needs=("grads",))
+@register("taylor", needs=("grads",), paper="Molchanov et al. 2019, Importance Estimation for Neural Network Pruning")
 def taylor(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
-    """First-order Taylor estimate of the loss change when the whole unit is removed:
-    ``(sum over the unit of w * dL/dw)^2`` (Molchanov et al., "Importance Estimation for
-    Neural Network Pruning", CVPR 2019; group form as in LLM-Pruner, Ma et al. 2023)."""
+    """First-order Taylor loss change of the whole unit.
+
+    ``(sum over the unit of w * dL/dw)^2``; the group form as in LLM-Pruner (Ma et al. 2023)."""
     total = ctx.zeros(len(units))
     for k, m in enumerate(units[0]):
         g = ctx.grads.get(m.param)
@@ -149,10 +154,10 @@ def _is_bn_weight(m: Member, ctx: ScoreContext) -> bool:
     return m.param.endswith(".weight") and isinstance(ctx.module(m.param), nn.modules.batchnorm._BatchNorm)
 
 
-@register("bn_scale", structures=frozenset({"channels"}))
+@register("bn_scale", structures=frozenset({"channels"}),
+          paper="Liu et al. 2017, Learning Efficient Convolutional Networks through Network Slimming")
 def bn_scale(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
-    """|gamma| of the unit's BatchNorm scales (Liu et al., "Learning Efficient Convolutional
-    Networks through Network Slimming", ICCV 2017)."""
+    """|gamma| of the BatchNorm scales (CNN channels)."""
     if not any(_is_bn_weight(m, ctx) for m in units[0]):
         raise ConfigError("bn_scale needs BatchNorm layers in every pruned group; use l2 or taylor for this model")
     return _per_member(units, ctx, lambda s, k: s.abs().flatten(1).sum(1), _is_bn_weight)
@@ -189,17 +194,21 @@ def _consumer_score(units: list[tuple[Member, ...]], ctx: ScoreContext,
     return total
 
 
-@register("wanda", needs=("inputs",))
+@register("wanda", needs=("inputs",),
+          paper="Sun et al. 2024, A Simple and Effective Pruning Approach for Large Language Models (Wanda)")
 def wanda(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
-    """Structured Wanda: ``sum_j ||x_j||_2 * sum_i |W_ij|`` over the unit's input features
-    of the layers consuming it (Sun et al., "A Simple and Effective Pruning Approach for
-    LLMs", 2023, structured variant)."""
+    """Structured Wanda: input norms x weight magnitudes.
+
+    ``sum_j ||x_j||_2 * sum_i |W_ij|`` over the unit's input features of the layers
+    consuming it (the structured variant of Wanda)."""
     return _consumer_score(units, ctx, lambda w, mom: _element("wanda", w.t(), input_norm=mom.input_norm).sum(0))
 
 
-@register("flap", needs=("inputs",))
+@register("flap", needs=("inputs",),
+          paper="An et al. 2024, Fluctuation-based Adaptive Structured Pruning for Large Language Models (FLAP)")
 def flap(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
-    """Fluctuation: ``sum_j Var(x_j) * ||W_:,j||^2`` (An et al., "Fluctuation-based Adaptive
-    Structured Pruning for Large Language Models", AAAI 2024). With bias compensation the
-    removed inputs' mean contribution is folded into the consumer's bias."""
+    """Fluctuation: input variance x weight norm^2.
+
+    ``sum_j Var(x_j) * ||W_:,j||^2``. With bias compensation the removed inputs' mean
+    contribution is folded into the consumer's bias."""
     return _consumer_score(units, ctx, lambda w, mom: w.pow(2).sum(1) * mom.variance.to(w))
