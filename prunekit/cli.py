@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from typing import Any, Sequence
 
@@ -17,13 +18,22 @@ log = logging.getLogger("prunekit")
 EPILOG = """MODEL: a local Hugging Face directory (a saved result included), a hub id, a .gguf file,
 or 'default' (SmolLM2-135M-Instruct). TEXT: a local text file, 'default' (bundled Python
 docstring corpus; disjoint calibration and evaluation parts), or a hub dataset name (wikitext2, c4).
-Counts round halves up: a ratio or sparsity r of n units removes floor(r*n + 0.5) of them (at
-least 1 must stay); N:M keeps exactly N of every M."""
+Counts round halves up: a ratio or sparsity r of n units removes floor(r*n + 0.5) of them, per
+group (at least 1 must stay), so a 0.25 head ratio on 3 heads removes 1 of 3 (33%) and a ratio
+that removes nothing (0.1 on 3 heads) is an error naming the smallest ratio that removes one;
+the run prints what it removed beside what was asked. N:M keeps exactly N of every M."""
 
 #: flags that only weight pruning takes, and only structural pruning takes (name -> default)
 WEIGHTS_ONLY = {"sparsity": None, "pattern": "unstructured", "owl_m": None, "owl_lambda": None, "blocksize": None,
                 "damp": None, "sequential": "layer", "unreached": "magnitude", "offload": "none"}
 STRUCTURE_ONLY = {"ratio": None, "heads": "kv", "round_to": 1, "latency": False, "override": []}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), exit status 2 as every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"prunekit: error: {message} (see '{self.prog} --help')\n")
 
 
 def _flag(name: str) -> str:
@@ -45,9 +55,15 @@ def _placement(p: argparse.ArgumentParser) -> None:
 
 
 def _output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to save the result in")
+    p.add_argument("--output", "-o", default=None, metavar="DIR",
+                   help="directory to save the result in (required unless --dry-run); written atomically, "
+                        "before any evaluation starts")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    p.add_argument("--eval", metavar="TEXT", help="also report perplexity on TEXT after pruning")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (which layers or groups lose how much, resulting parameters and MACs) "
+                        "and exit without changing or writing anything")
+    p.add_argument("--eval", metavar="TEXT", help="also measure perplexity on TEXT: the dense model first (cached "
+                                                  "per model, text and windows), then the pruned one")
     p.add_argument("--eval-max-tokens", type=int, default=None, help="evaluate at most this many tokens")
 
 
@@ -114,8 +130,11 @@ def _prune_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunekit", description="Prune PyTorch models.", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    parser = Parser(prog="prunekit", description="Prune PyTorch models.", epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,run,eval,list}")
     _prune_parser(sub)
 
@@ -189,12 +208,25 @@ def _finite(obj: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from . import commands
+    """Run one command; Ctrl-C at any moment (imports included) exits 130 with one line."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Temporary files were removed on the way out; exit at once, with no interpreter
+        # teardown that could wake native threads (no traceback, no C++ terminate).
+        print("prunekit: interrupted (no partial output is ever left behind)", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    from . import commands
+
     try:
         import transformers
 
@@ -209,11 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrunekitError as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("prunekit: interrupted (no partial output is ever left behind)", file=sys.stderr)
-        return 130
+    summary = out.pop("summary", None) if isinstance(out, dict) else None
     if args.json:
+        if summary and not quiet:
+            print(summary, file=sys.stderr)
         print(json.dumps(_finite(out), default=str))
+    elif summary:
+        print(summary)
     elif args.command != "list":
         for key, value in out.items():
             if key != "stages":

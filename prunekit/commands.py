@@ -8,6 +8,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from .summary import summary_table
+
 log = logging.getLogger("prunekit")
 
 #: the JSON fields of ``prune`` per stage kind (the contract scripts read)
@@ -15,7 +17,8 @@ PRUNE_FIELDS = {
     "weights": ("method", "pattern", "allocation", "target_sparsity", "sparsity", "params_total", "params_nonzero",
                 "seconds", "nm_valid", "unreached"),
     "structure": ("structure", "ratio", "method", "params_before", "params_after", "macs_before", "macs_after",
-                  "seconds", "exact", "latency_ms_before", "latency_ms_after"),
+                  "seconds", "exact", "latency_ms_before", "latency_ms_after", "ratio_achieved", "units_before",
+                  "units_removed"),
 }
 
 
@@ -69,30 +72,56 @@ def prune_recipe(args: argparse.Namespace) -> Any:
     return one_stage(stage, spec)
 
 
+def _check_inputs(args: argparse.Namespace, recipe: Any) -> None:
+    """Every input is checked before the model is loaded: the output path (temporary
+    directories of killed runs next to it are cleaned), the calibration and evaluation texts."""
+    from .calibration.text import load_text
+    from .errors import ConfigError
+    from .export import check_output
+
+    if not getattr(args, "dry_run", False):
+        if args.output is None:
+            raise ConfigError("--output DIR is required (or --dry-run to only print the plan)")
+        check_output(args.output, args.overwrite)
+    if args.eval_max_tokens is not None and args.eval_max_tokens < 1:
+        raise ConfigError(f"--eval-max-tokens must be a positive number of tokens, got {args.eval_max_tokens}")
+    if recipe.needs_data:
+        load_text(recipe.calibration.text, "calib")
+    if args.eval:
+        load_text(args.eval, "eval")
+
+
 def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = False) -> dict[str, Any]:
-    """Load, run every stage, measure latency, save, then evaluate: the result is on disk
-    before evaluation starts, so a failed evaluation keeps it."""
-    from .api import evaluate_perplexity, load
+    """Check every input, load, evaluate the dense model (cached), run every stage, save,
+    then evaluate: the result is on disk before its evaluation starts, so a failed or
+    interrupted evaluation keeps it."""
+    from .api import load
     from .evaluate import peak_rss_mb
     from .models.placement import parse_device, parse_dtype, place
-    from .pipeline import run
+    from .pipeline import measure, run
     from .recipe import stage_kind
 
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
-    from .export import check_output
-
-    check_output(args.output, args.overwrite)
+    _check_inputs(args, recipe)
+    log.info("loading %s", args.model)
     loaded = load(args.model, dtype=dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     device = place(model, device)
+    if getattr(args, "dry_run", False):
+        return _dry_run(args, recipe, model, tokenizer, t0)
+    dense_size = measure(model)
+    dense_ppl = _dense_perplexity(args, model, tokenizer, recipe) if args.eval else None
     dense = copy.deepcopy(model) if latency else None
     previous = loaded if loaded.recipe is not None else None
+    start = time.perf_counter()
     result = run(recipe, model, tokenizer=tokenizer, device=device, progress=not args.quiet, previous=previous)
+    prune_seconds = time.perf_counter() - start
     report = result.report
     if dense is not None:
         _latency(report, dense, model, tokenizer, recipe)
         del dense
     report.update(calib=recipe.calibration.text, model=args.model)
+    log.info("saving to %s", args.output)
     output = str(result.save(args.output, overwrite=args.overwrite))
     from .evaluate import count_params
 
@@ -109,14 +138,50 @@ def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = F
     out.setdefault("params_after", report["stages"][-1]["params_after"])
     if saved != out["params_after"]:  # zero biases the config's bias switch needs (plain from_pretrained reloads it)
         out["params_saved"] = saved
-    if args.eval:
-        seqlen = recipe.calibration.seqlen
-        ppl = evaluate_perplexity(model, tokenizer, args.eval, seqlen=seqlen, max_tokens=args.eval_max_tokens,
-                                  progress=not args.quiet)
+    after = measure(model)
+    out.update(dense={**dense_size, "macs": report["stages"][0].get("macs_before")},
+               pruned_layers_params=after["pruned_layers_params"], sparsity_of=report["stages"][-1]["sparsity_of"],
+               prune_seconds=prune_seconds, output=output)
+    if dense_ppl is not None:
+        out.update(perplexity_before=dense_ppl[0].perplexity, dense_eval_cached=dense_ppl[1])
+        out["dense"].update(perplexity=dense_ppl[0].perplexity, tokens=dense_ppl[0].tokens)
+        log.info("evaluating the pruned model on %s (the result is already saved)", args.eval)
+        ppl = _evaluate(args, model, tokenizer, recipe)
         out.update(perplexity=ppl.perplexity, tokens=ppl.tokens)
-    out.update(output=output, total_seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
+    out.update(total_seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
+    out["summary"] = summary_table(out, report)
     log.info("saved to %s (%.1f s)", output, out["total_seconds"])
     return out
+
+
+def _evaluate(args: argparse.Namespace, model: Any, tokenizer: Any, recipe: Any) -> Any:
+    """Perplexity on ``--eval`` with the recipe's window length."""
+    from .api import evaluate_perplexity
+
+    return evaluate_perplexity(model, tokenizer, args.eval, seqlen=recipe.calibration.seqlen,
+                               max_tokens=args.eval_max_tokens, progress=not args.quiet)
+
+
+def _dense_perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, recipe: Any) -> tuple[Any, bool]:
+    """The dense model's perplexity on the same windows, cached per model + text + windows +
+    dtype + device (:mod:`prunekit.evaluate.cache`)."""
+    from .evaluate.cache import cached_perplexity, eval_key
+    from .models.loading import resolve
+
+    weight = next(model.parameters())
+    key = eval_key(resolve(args.model), args.eval, recipe.calibration.seqlen, args.eval_max_tokens,
+                   str(weight.dtype), weight.device.type)
+    value, cached = cached_perplexity(key, lambda: _evaluate(args, model, tokenizer, recipe))
+    log.info("dense perplexity %s on %d tokens%s", value.perplexity, value.tokens, " (cached)" if cached else "")
+    return value, cached
+
+
+def _dry_run(args: argparse.Namespace, recipe: Any, model: Any, tokenizer: Any, t0: float) -> dict[str, Any]:
+    from .planning import plan
+
+    p = replace(plan(recipe, model, tokenizer=tokenizer), model=args.model)
+    return {"dry_run": True, **p.to_dict(), "model": args.model, "seconds": time.perf_counter() - t0,
+            "summary": str(p)}
 
 
 def _stage_summary(stage: dict[str, Any]) -> dict[str, Any]:
@@ -179,12 +244,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
-    from .registry import catalogue
+    """``list [KIND] [PATTERN]``: every entry with its description, defaults and paper."""
+    from .registry import entries, format_entries
 
-    info = catalogue(args.kind, args.pattern)
+    found = entries(args.kind, args.pattern)
     if not args.json:
-        for kind, entries in info.items():
-            print(f"{kind}:")
-            for name, about in entries.items():
-                print(f"  {name}" + (f"  ({about})" if about else ""))
-    return info
+        print(format_entries(found) or f"no entries match {args.pattern!r}" + (f" in {args.kind}" if args.kind else ""))
+    return {kind: {e.name: {"description": e.description, "defaults": e.defaults, "paper": e.paper} for e in infos}
+            for kind, infos in found.items()}

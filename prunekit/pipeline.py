@@ -3,6 +3,7 @@ reported, all gathered in one :class:`~prunekit.result.Result`."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 
 from .calibration import CalibrationData, as_calibration
-from .errors import DataError
+from .errors import ConfigError, DataError
+from .rounding import count
 from .evaluate import peak_rss_mb
 from .recipe import Recipe, stage_kind, stage_to_dict
 from .result import Result
@@ -53,7 +55,14 @@ def check(recipe: Recipe, model: nn.Module) -> None:
 
     for stage in recipe.stages:
         if stage_kind(stage) == "weights":
-            make_plan(model, stage)  # blocks found, layers supported, N:M divides every width
+            plan = make_plan(model, stage)  # blocks found, layers supported, N:M divides every width
+            if stage.pattern.kind != "nm":
+                largest = max(t.weight().numel() for t in plan.all_layers.values())
+                if count(stage.sparsity, largest) == 0:
+                    raise ConfigError(
+                        f"sparsity {stage.sparsity} removes nothing: the largest layer has {largest:,} weights and "
+                        f"a sparsity s of n weights removes floor(s*n + 0.5); use at least "
+                        f"{math.ceil(0.5 / largest * 1e6) / 1e6:g}")
             return  # a later weights stage may follow a structure stage that changes widths
 
 

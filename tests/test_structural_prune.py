@@ -130,8 +130,11 @@ def test_uniform_hf_result_reloads_with_plain_from_pretrained(tmp_path):
 @pytest.mark.parametrize("family,structure", [("llama", "heads"), ("gpt2", "heads"), ("qwen2", "channels")])
 def test_non_uniform_hf_result_reloads_through_prunekit(tmp_path, family, structure):
     model = tiny_model(family)
-    cfg = StructureConfig(structure, 0.5, "l2", overrides=((r"\.0\.", 0.0),))
+    # heads: layer 0 kept whole, so the layers differ; channels: one group (the hidden width)
+    overrides = ((r"\.0\.", 0.0),) if structure == "heads" else ()
+    cfg = StructureConfig(structure, 0.5, "l2", overrides=overrides)
     r = prune_structure(model, cfg, example_inputs={"input_ids": DATA[:1]})
+    assert r.report["units_removed"] > 0
     r.save(tmp_path / "out")
     loaded, _, _ = load_model(str(tmp_path / "out"))
     torch.testing.assert_close(lm_logits(loaded), lm_logits(model))

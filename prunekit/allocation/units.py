@@ -29,6 +29,19 @@ def count_to_remove(n: int, ratio: float, round_to: int, name: str) -> int:
     return k
 
 
+def smallest_ratio(n: int, round_to: int = 1) -> float | None:
+    """The smallest ratio that removes at least one of ``n`` units (None if none can while
+    one unit stays): ``(j - 1/2) / n`` for the first count ``j`` that survives ``round_to``."""
+    for j in range(1, n):
+        ratio = (j - 0.5) / n
+        try:
+            if count_to_remove(n, ratio, round_to, "") > 0:
+                return ratio
+        except ConfigError:
+            return None
+    return None
+
+
 def lowest(scores: Tensor, k: int) -> list[int]:
     """Indices of the ``k`` lowest scores (ties broken by position, so results are stable)."""
     return sorted(torch.argsort(scores, stable=True)[:k].tolist()) if k > 0 else []

@@ -18,6 +18,17 @@ import torch
 from torch import Tensor
 
 Offload = Literal["none", "cpu", "disk"]
+
+
+def _hidden_dir() -> Path:
+    """A fresh directory for memory-mapped hidden states; those of killed runs are removed."""
+    import os
+
+    from ..atomic import clean_stale
+
+    root = Path(tempfile.gettempdir())
+    clean_stale(root / "prunekit-hidden")
+    return Path(tempfile.mkdtemp(prefix=f".prunekit-hidden.tmp-{os.getpid()}-", dir=root))
 OFFLOADS = ("none", "cpu", "disk")
 
 
@@ -44,7 +55,7 @@ class HiddenCache:
             raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
         self.device, self.offload = device, offload
         self._items: dict[int, Tensor | _DiskTensor] = {}
-        self._dir: Path | None = Path(tempfile.mkdtemp(prefix="prunekit-hidden-")) if offload == "disk" else None
+        self._dir: Path | None = _hidden_dir() if offload == "disk" else None
         self._version = 0
 
     def __len__(self) -> int:

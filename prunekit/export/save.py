@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_dir_atomically
+from ..atomic import clean_stale, write_dir_atomically
 from ..errors import OutputError
 
 RECIPE_FILE = "prunekit_recipe.yaml"
@@ -16,13 +16,17 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def check_output(path: str | Path, overwrite: bool = False) -> Path:
-    """Fail early, before any work, if ``path`` cannot receive a result."""
+    """Fail early, before any work, if ``path`` cannot receive a result; temporary
+    directories that killed runs left next to it are removed first."""
     out = Path(path).expanduser()
+    clean_stale(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"output {out} already exists; choose a new directory or pass --overwrite")
     parent = out.resolve().parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot create {out}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write under {parent}: permission denied")
     return out

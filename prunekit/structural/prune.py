@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -18,7 +19,8 @@ from .config import StructureConfig
 from .graph import Graph, Group, Member, build_graph
 from .remove import remove_units
 from .scores import ScoreContext, check_applies, input_dim
-from ..allocation.units import count_to_remove, global_threshold, lowest, uniform
+from ..allocation.units import count_to_remove, global_threshold, lowest, smallest_ratio
+from ..rounding import count
 from .stats import input_moments
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ def count_params(model: nn.Module) -> int:
 
 def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = None, example_inputs: Any = None,
                     loss_fn: LossFn | None = None, tokenizer: Any = None, progress: bool = False,
-                    device: Any = None) -> Result:
+                    device: Any = None, plan: bool = False) -> Result:
     """Remove ``config.ratio`` of the chosen structure from ``model`` in place.
 
     ``data``: calibration data for data-aware scores: a
@@ -39,6 +41,9 @@ def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = No
     tracing (default: cut from ``data``). ``loss_fn(model, batch)``: for gradient scores when
     the default (LM loss, or cross-entropy on labelled pairs) does not fit. ``progress``: a
     bar over blocks. ``device``: where blocks compute while statistics are gathered.
+    ``plan``: size the removal without scoring (no statistics): every group loses the same
+    number of units as the real run, taken in order, so sizes and MACs are those the real run
+    gets (:func:`prunekit.plan` runs this on a copy of the model).
     """
     from ..resolve import check_structure
 
@@ -56,11 +61,11 @@ def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = No
     config_changes: dict[str, Any] = {}
     attrs: dict[str, dict[str, Any]] = {}
     if config.structure == "layers":
-        summary, config_changes = _prune_layers(model, config, calib, options)
+        summary, config_changes = _prune_layers(model, config, calib, options, plan)
     elif config.structure == "experts":
-        summary, config_changes = _prune_experts(model, config, calib, options)
+        summary, config_changes = _prune_experts(model, config, calib, options, plan)
     else:
-        summary, attrs = _prune_units(model, graph, config, calib, options)
+        summary, attrs = _prune_units(model, graph, config, calib, options, plan)
     try:
         after = build_graph(model, example, ignore=config.ignore)
     except Exception as exc:  # noqa: BLE001 - any failure here means the model no longer runs
@@ -74,7 +79,7 @@ def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = No
         "allocation": config.allocation, "params_before": params_before, "params_after": count_params(model),
         "macs_before": macs_before, "macs_after": after.macs, "seconds": seconds,
         "graph_seconds": graph.seconds, "groups": summary,
-        "exact": not any(g.get("inexact") for g in summary),
+        "exact": not any(g.get("inexact") for g in summary), **achieved(config.ratio, summary),
     }
     report["config_changes"] = config_changes
     log.info("removed %s: %d -> %d params in %.1f s", config.structure, params_before, report["params_after"], seconds)
@@ -83,7 +88,7 @@ def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = No
 
 
 def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: CalibrationData | None,
-                 options: RunOptions) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+                 options: RunOptions, plan: bool = False) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     groups = [g for g in graph.of_kind(*cfg.kinds) if not cfg.ignored(g.name)
               and not any(cfg.ignored(p) for p in g.params)]
     if not groups:
@@ -91,44 +96,74 @@ def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: Cal
             f"{type(model).__name__} has no prunable {cfg.structure} (groups found: {graph.summary() or 'none'}); "
             "units that reach the model's output or input cannot be removed"
         )
-    score = check_applies(cfg.method, cfg.structure)
-    ctx = ScoreContext(model, generator=torch.Generator().manual_seed(cfg.seed))
-    compensate = cfg.bias_compensation if cfg.bias_compensation is not None else cfg.method == "flap"
-    if score.needs and not data:
-        raise ConfigError(f"score {cfg.method!r} needs calibration data (--calib TEXT, or data=...)")
-    if "inputs" in score.needs or compensate:
-        if not data:
-            raise ConfigError("bias compensation needs calibration data")
-        wanted = {m.param for g in groups for m in g.units[0] if input_dim(m, ctx)}
-        ctx.moments = input_moments(model, data, wanted, options=options)
-    if cfg.structure == "heads" and cfg.heads == "query":
+    query = cfg.structure == "heads" and cfg.heads == "query"
+    if query:
         for g in groups:
             if not g.sub_units:
                 raise ConfigError(f"{g.name} has one query head per key/value head; use heads='kv' there")
-        pools = [[s for u in g.sub_units for s in u] for g in groups]
     else:
         for g in groups:
             if g.kind == "heads" and len(g) == 1:
                 raise ConfigError(f"{g.name} has one key/value head, which cannot be removed: use --heads query "
                                   "(heads='query') to prune its query heads")
-        pools = [g.units for g in groups]
-    scores = [_finite(s, g.name) for s, g in zip(_score_all(score, pools, ctx, data), groups)]
-    if cfg.structure == "heads" and cfg.heads == "query":
-        chosen = _query_heads(groups, scores, cfg)
+    sizes = [len(g.sub_units[0]) if query else len(g) for g in groups]
+    counts = [count_to_remove(n, cfg.ratio_for(g.name), 1 if query else cfg.round_to, g.name)
+              for g, n in zip(groups, sizes)] if query or cfg.allocation == "uniform" else None
+    require_removal(cfg, sizes, sum(counts) if counts is not None else count(cfg.ratio, sum(sizes)),
+                    "query heads per key/value group" if query else f"{cfg.structure} per group")
+    score = check_applies(cfg.method, cfg.structure)
+    ctx = ScoreContext(model, generator=torch.Generator().manual_seed(cfg.seed))
+    compensate = cfg.bias_compensation if cfg.bias_compensation is not None else cfg.method == "flap"
+    pools = [[s for u in g.sub_units for s in u] for g in groups] if query else [g.units for g in groups]
+    if plan:  # sizes only: the first units of every group stand in for the ones scores would choose
+        scores = [ctx.zeros(len(p)) for p in pools]
+    else:
+        if score.needs and not data:
+            raise ConfigError(f"score {cfg.method!r} needs calibration data (--calib TEXT, or data=...)")
+        if "inputs" in score.needs or compensate:
+            if not data:
+                raise ConfigError("bias compensation needs calibration data")
+            wanted = {m.param for g in groups for m in g.units[0] if input_dim(m, ctx)}
+            ctx.moments = input_moments(model, data, wanted, options=options)
+        scores = [_finite(s, g.name) for s, g in zip(_score_all(score, pools, ctx, data), groups)]
+    if query:
+        chosen = _query_heads(groups, scores, counts)
     else:
         names = [g.name for g in groups]
-        if cfg.allocation == "uniform":
-            picks = uniform(scores, [cfg.ratio_for(n) for n in names], cfg.round_to, names)
-        else:
-            picks = global_threshold(scores, cfg.ratio, names)
+        picks = [lowest(s, k) for s, k in zip(scores, counts)] if counts is not None \
+            else global_threshold(scores, cfg.ratio, names)
         chosen = [[g.units[i] for i in idx] for g, idx in zip(groups, picks)]
     units = [u for c in chosen for u in c]
     if compensate:
-        compensate_bias(model, units, ctx)
+        compensate_bias(model, units, ctx, sizes_only=plan)
     attrs = remove_units(model, units)
     summary = [{"name": g.name, "kind": g.kind, "units_before": len(g), "removed": len(c), "inexact": g.inexact}
                for g, c in zip(groups, chosen)]
     return summary, attrs
+
+
+def require_removal(cfg: StructureConfig, sizes: list[int], total: int, what: str) -> None:
+    """A request that removes no unit is an error naming the smallest ratio that removes one
+    (counts round half up: a ratio r of n units removes floor(r*n + 1/2))."""
+    if total > 0:
+        return
+    smallest = [r for r in (smallest_ratio(n, cfg.round_to) for n in set(sizes)) if r is not None]
+    hint = (f"the smallest ratio that removes a unit is {math.ceil(min(smallest) * 1000) / 1000:g}" if smallest
+            else "no ratio removes a unit while every group keeps one")
+    if cfg.overrides:
+        raise ConfigError(f"ratio {cfg.ratio} with overrides {[list(o) for o in cfg.overrides]} removes nothing: "
+                          "every group is overridden to keep all its units; loosen the overrides")
+    each = "/".join(str(n) for n in sorted(set(sizes)))
+    raise ConfigError(f"ratio {cfg.ratio} removes nothing: there are {each} {what}, and a ratio r of n units "
+                      f"removes floor(r*n + 0.5) of them; {hint}")
+
+
+def achieved(requested: float, summary: list[dict[str, Any]]) -> dict[str, Any]:
+    """What was removed beside what was asked: ``removed`` of ``units_before`` over all groups."""
+    before = sum(g["units_before"] for g in summary)
+    removed = sum(g["removed"] for g in summary)
+    return {"units_before": before, "units_removed": removed, "ratio_requested": requested,
+            "ratio_achieved": removed / before if before else 0.0}
 
 
 def _score_all(score: Any, pools: list[list[tuple[Member, ...]]], ctx: ScoreContext,
@@ -154,27 +189,33 @@ def _finite(scores: Tensor, name: str) -> Tensor:
     return scores
 
 
-def _query_heads(groups: list[Group], scores: list[Tensor], cfg: StructureConfig) -> list[list[tuple]]:
-    """The same number of query heads from every key/value group (keeps GQA valid)."""
+def _query_heads(groups: list[Group], scores: list[Tensor], counts: list[int]) -> list[list[tuple]]:
+    """The same number (``counts``, per layer) of query heads from every key/value group (keeps GQA valid)."""
     chosen = []
-    for g, s in zip(groups, scores):
+    for g, s, k in zip(groups, scores, counts):
         rep = len(g.sub_units[0])
         sc = s.view(len(g), rep)
-        k = count_to_remove(rep, cfg.ratio_for(g.name), 1, f"{g.name} (query heads per group)")
         chosen.append([g.sub_units[u][i] for u in range(len(g)) for i in lowest(sc[u], k)])
     return chosen
 
 
-def compensate_bias(model: nn.Module, units: list[tuple[Member, ...]], ctx: ScoreContext) -> None:
+def compensate_bias(model: nn.Module, units: list[tuple[Member, ...]], ctx: ScoreContext,
+                    sizes_only: bool = False) -> None:
     """Fold the mean contribution of removed inputs into the consumer's bias (FLAP):
-    ``b += W[:, removed] @ mean(x[removed])``. Linear consumers only; a missing bias is created."""
+    ``b += W[:, removed] @ mean(x[removed])``. Linear consumers only; a missing bias is created
+    (``sizes_only``: only that, for a plan)."""
     with torch.no_grad():
         for unit in units:
             for m in unit:
-                if not input_dim(m, ctx) or m.param not in ctx.moments:
+                if not input_dim(m, ctx) or (m.param not in ctx.moments and not sizes_only):
                     continue
                 layer = ctx.module(m.param)
                 if not isinstance(layer, nn.Linear):
+                    continue
+                if sizes_only:  # a stand-in bias, nonzero as compensation biases are, so counts agree
+                    if layer.bias is None:
+                        layer.bias = nn.Parameter(torch.ones(layer.out_features, dtype=layer.weight.dtype,
+                                                             device=layer.weight.device))
                     continue
                 idx = torch.tensor(m.index, device=layer.weight.device)
                 mean = ctx.moments[m.param].mean.to(layer.weight.device)[idx]  # (removed,) float64
@@ -186,13 +227,14 @@ def compensate_bias(model: nn.Module, units: list[tuple[Member, ...]], ctx: Scor
 
 
 def _prune_layers(model: nn.Module, cfg: StructureConfig, data: CalibrationData | None,
-                  options: RunOptions) -> tuple[list[dict[str, Any]], dict]:
+                  options: RunOptions, plan: bool = False) -> tuple[list[dict[str, Any]], dict]:
     from ..models.decoder import find_blocks
     from .layers import LAYER_SCORES, choose_blocks, remove_blocks
 
     name, blocks = find_blocks(model)
+    require_removal(cfg, [len(blocks)], count(cfg.ratio, len(blocks)), "blocks")
     gen = torch.Generator().manual_seed(cfg.seed)
-    scores = _finite(LAYER_SCORES.get(cfg.method)(model, data, gen, options), name)
+    scores = torch.zeros(len(blocks)) if plan else _finite(LAYER_SCORES.get(cfg.method)(model, data, gen, options), name)
     drop = choose_blocks(scores, cfg.ratio)
     changes = remove_blocks(model, drop)
     return [{"name": name, "kind": "layers", "units_before": len(blocks), "removed": len(drop),
@@ -200,14 +242,18 @@ def _prune_layers(model: nn.Module, cfg: StructureConfig, data: CalibrationData 
 
 
 def _prune_experts(model: nn.Module, cfg: StructureConfig, data: CalibrationData | None,
-                   options: RunOptions) -> tuple[list[dict[str, Any]], dict]:
+                   options: RunOptions, plan: bool = False) -> tuple[list[dict[str, Any]], dict]:
     from ..models.adapters import adapter_for
     from .experts import EXPERT_SCORES, find_moe_layers, remove_experts
 
     layers = [layer for layer in find_moe_layers(model) if not cfg.ignored(layer.name)]
     if not layers:
         raise StructureError(f"{type(model).__name__} has no mixture-of-experts layers (a module with gate + experts)")
-    scores = EXPERT_SCORES.get(cfg.method)(model, layers, data, torch.Generator().manual_seed(cfg.seed), options)
+    sizes = [layer.count for layer in layers]
+    require_removal(cfg, sizes, sum(count_to_remove(n, cfg.ratio_for(la.name), 1, la.name)
+                                    for n, la in zip(sizes, layers)), "experts per layer")
+    scores = [torch.zeros(n) for n in sizes] if plan else \
+        EXPERT_SCORES.get(cfg.method)(model, layers, data, torch.Generator().manual_seed(cfg.seed), options)
     summary = []
     for layer, s in zip(layers, scores):
         n = layer.count

@@ -1,0 +1,223 @@
+"""Look before you leap: what a recipe would do to a model, without changing or writing anything.
+
+:func:`plan` sizes every stage the way the real run will (same groups, same counts, same
+rounding) and returns a :class:`Plan`: per stage, which layers or groups lose how much, and the
+resulting parameters, nonzeros and MACs. Which units go is decided by scores at run time, so
+the plan computes no statistics: structure stages run with ``plan=True`` on a copy of the model
+(the first units of each group stand in for the chosen ones; sizes do not depend on which),
+weights stages take their per-layer amounts from the allocation wherever it needs no data.
+As Torch-Pruning's interactive mode, but before any work and for every stage kind.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .rounding import count
+
+
+@dataclass(frozen=True)
+class Row:
+    """One layer (weights) or group (structure): ``removed`` of ``before`` weights or units."""
+
+    name: str
+    before: int
+    removed: int
+    unit: str  # "weights", "neurons", "heads", ...
+
+    @property
+    def after(self) -> int:
+        return self.before - self.removed
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: int
+    kind: str
+    summary: str
+    params_before: int
+    params_after: int
+    nonzero_before: int
+    nonzero_after: int
+    macs_before: int | None = None
+    macs_after: int | None = None
+    rows: tuple[Row, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a recipe would do: one :class:`StagePlan` per stage; ``str(plan)`` is the table
+    ``--dry-run`` prints."""
+
+    stages: tuple[StagePlan, ...]
+    model: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params_before(self) -> int:
+        return self.stages[0].params_before
+
+    @property
+    def params_after(self) -> int:
+        return self.stages[-1].params_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "params_before": self.params_before, "params_after": self.params_after,
+                "stages": [{**asdict(s), "rows": [{**asdict(r), "after": r.after} for r in s.rows]}
+                           for s in self.stages]}
+
+    def __str__(self) -> str:
+        return format_plan(self)
+
+
+def plan(recipe: Any, model: nn.Module | str, data: Any = None, *, tokenizer: Any = None) -> Plan:
+    """The :class:`Plan` of ``recipe`` (a Recipe, YAML path or dict) on ``model`` (an
+    nn.Module or a MODEL spec); ``model`` is left unchanged. ``data``: calibration data (only
+    one example is used, to trace the model) instead of the recipe's text."""
+    from .api import load
+    from .calibration import CalibrationData, as_calibration
+    from .pipeline import check, measure
+    from .recipe import Recipe, stage_kind
+
+    recipe = recipe if isinstance(recipe, Recipe) else \
+        Recipe.from_dict(recipe) if isinstance(recipe, dict) else Recipe.from_yaml(recipe)
+    name = model if isinstance(model, str) else type(model).__name__
+    if isinstance(model, str):
+        loaded = load(model)
+        model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+    check(recipe, model)
+    c = recipe.calibration
+    if data is not None:
+        example = as_calibration(data, c.batch_size, tokenizer=tokenizer, nsamples=c.nsamples, seqlen=c.seqlen,
+                                 seed=c.seed).trace_inputs(model)
+    elif tokenizer is not None:
+        example = CalibrationData.from_text(tokenizer, c.text, 1, c.seqlen, c.seed, 1).trace_inputs(model)
+    else:
+        example = None
+    kinds = [stage_kind(s) for s in recipe.stages]
+    shadow = copy.deepcopy(model) if "structure" in kinds else model  # structure plans resize the copy
+    macs = _macs(shadow, example)
+    stages = []
+    for i, (stage, kind) in enumerate(zip(recipe.stages, kinds), start=1):
+        before = measure(shadow)
+        sp = PLANNERS[kind](i, stage, shadow, example, before, macs)
+        macs = sp.macs_after
+        stages.append(sp)
+    return Plan(tuple(stages), name)
+
+
+def _macs(model: nn.Module, example: Any) -> int | None:
+    from .evaluate.macs import count_macs
+
+    return count_macs(model, example) if example is not None else None
+
+
+def _structure(i: int, stage: Any, model: nn.Module, example: Any, before: dict, macs: int | None) -> StagePlan:
+    from .errors import ConfigError
+    from .pipeline import measure
+    from .structural import prune_structure
+
+    if example is None:
+        raise ConfigError("planning a structure stage traces the model: pass data=... or a model with a tokenizer")
+    cfg = stage.resolved(model)
+    report = prune_structure(model, cfg, example_inputs=example, plan=True).report
+    unit = "blocks" if cfg.structure == "layers" else cfg.structure
+    unit = "query heads" if cfg.structure == "heads" and cfg.heads == "query" else unit
+    rows = tuple(Row(g["name"], g["units_before"], g["removed"], unit) for g in report["groups"])
+    notes = [f"which units go is decided at run time by {cfg.method!r} scores"
+             + (" from calibration data" if cfg.method != "random" else "")]
+    if cfg.allocation != "uniform" and cfg.structure not in ("layers", "experts"):
+        notes.append(f"{cfg.allocation} allocation: per-group counts depend on the scores; the total is exact")
+    after = measure(model)
+    summary = (f"structure: remove {cfg.structure} (ratio {cfg.ratio}, {cfg.method}): {report['units_removed']} of "
+               f"{report['units_before']} units ({report['ratio_achieved']:.1%})")
+    return StagePlan(i, "structure", summary, before["params_total"], after["params_total"],
+                     before["params_nonzero"], after["params_nonzero"], report["macs_before"], report["macs_after"],
+                     rows, tuple(notes))
+
+
+def _weights(i: int, stage: Any, model: nn.Module, example: Any, before: dict, macs: int | None) -> StagePlan:
+    from .allocation import ALLOCATIONS
+    from .schedules.oneshot import allocate, make_plan
+    from .scoring import SCORES
+
+    p = make_plan(model, stage)
+    rule = ALLOCATIONS.get(stage.allocation.name)
+    data_free = not (rule.uses_scores and SCORES.get(p.score.allocation_proxy).needs)
+    amounts = allocate(model, p, None, False) if data_free else {n: stage.sparsity for n in p.all_layers}
+    nm = stage.pattern.kind == "nm"
+    rows = []
+    for name, target in p.all_layers.items():
+        n = target.weight().numel()
+        removed = n // stage.pattern.m * (stage.pattern.m - stage.pattern.n) if nm else count(amounts[name], n)
+        rows.append(Row(name, n, removed, "weights"))
+    zeros = sum(r.removed for r in rows)
+    notes = ["sparse weights keep the dense shapes: MACs are unchanged for dense kernels"
+             + (f"; {stage.pattern} kernels skip {stage.pattern.n}/{stage.pattern.m} of them" if nm else "")]
+    if not data_free:
+        notes.append(f"{stage.allocation.name} allocation sets per-layer amounts from calibration data at run time; "
+                     f"shown at the target {stage.sparsity}")
+    of = sum(r.before for r in rows)
+    summary = (f"weights: {stage.method} {stage.pattern}, sparsity {stage.sparsity} ({stage.allocation.name}): "
+               f"{zeros:,} of {of:,} weights in {len(rows)} layers ({zeros / max(of, 1):.1%})")
+    return StagePlan(i, "weights", summary, before["params_total"], before["params_total"], before["params_nonzero"],
+                     before["params_nonzero"] - zeros, macs, macs, tuple(rows), tuple(notes))
+
+
+def _training(i: int, stage: Any, model: nn.Module, example: Any, before: dict, macs: int | None) -> StagePlan:
+    n = before["pruned_layers_params"]
+    zeros = count(stage.sparsity, n)
+    new = max(zeros - round(before["sparsity"] * n), 0)  # weights already zero count toward the target
+    summary = (f"training: gradual pruning to {stage.sparsity} ({stage.pattern}, {stage.allocation}) over "
+               f"{stage.steps} steps, every {stage.frequency}: {zeros:,} of {n:,} weights zero at the end")
+    return StagePlan(i, "training", summary, before["params_total"], before["params_total"], before["params_nonzero"],
+                     before["params_nonzero"] - new, macs, macs)
+
+
+def _recovery(i: int, stage: Any, model: nn.Module, example: Any, before: dict, macs: int | None) -> StagePlan:
+    summary = f"recovery: {stage.method}, {stage.steps} steps at lr {stage.lr}; masks kept, sizes unchanged"
+    return StagePlan(i, "recovery", summary, before["params_total"], before["params_total"], before["params_nonzero"],
+                     before["params_nonzero"], macs, macs)
+
+
+PLANNERS = {"structure": _structure, "weights": _weights, "training": _training, "recovery": _recovery}
+
+
+def _num(x: int | None) -> str:
+    if x is None:
+        return "n/a"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.2f}{unit}"
+    return str(x)
+
+
+def format_plan(p: Plan, max_rows: int = 12) -> str:
+    """The plan as text: per stage its summary, the rows (identical rows folded), sizes, notes."""
+    lines = [f"plan for {p.model} (nothing is changed or written):"]
+    for s in p.stages:
+        lines.append(f"  {s.stage}. {s.summary}")
+        folded = _fold(s.rows)
+        for label, r, n in folded[:max_rows]:
+            lines.append(f"       {label:<44} {r.before:>12,} -> {r.after:>12,} {r.unit}  (-{r.removed:,}"
+                         f"{', x' + str(n) if n > 1 else ''})")
+        if len(folded) > max_rows:
+            lines.append(f"       ... {len(folded) - max_rows} more")
+        lines.append(f"     params {_num(s.params_before)} -> {_num(s.params_after)}, nonzero {_num(s.nonzero_before)}"
+                     f" -> {_num(s.nonzero_after)}, MACs {_num(s.macs_before)} -> {_num(s.macs_after)}")
+        lines.extend(f"     note: {n}" for n in s.notes)
+    return "\n".join(lines)
+
+
+def _fold(rows: tuple[Row, ...]) -> list[tuple[str, Row, int]]:
+    """Rows equal but for their layer index fold into one ``layers.*.x`` row (first order kept)."""
+    import re
+
+    out: dict[tuple[str, int, int], list[Row]] = {}
+    for r in rows:
+        out.setdefault((re.sub(r"\.\d+(\.|$)", r".*\1", r.name), r.before, r.removed), []).append(r)
+    return [(label if len(rs) > 1 else rs[0].name, rs[0], len(rs)) for (label, _, _), rs in out.items()]

@@ -1,0 +1,76 @@
+"""The short before → after table a run ends with, and the "requested → achieved" line of
+every stage (pure formatting of the report; no torch)."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def human(x: float | int | None, unit: str = "") -> str:
+    """134515008 -> '134.52M'; None -> 'n/a'."""
+    if x is None:
+        return "n/a"
+    for suffix, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.2f}{suffix}{unit}"
+    return f"{x:g}{unit}" if isinstance(x, float) else f"{x}{unit}"
+
+
+def achieved_line(stage: dict[str, Any]) -> str:
+    """What a stage was asked for beside what it did, e.g. ``heads: requested ratio 0.25 ->
+    removed 1 of 3 in each of 30 groups (33.3%)``."""
+    kind = stage.get("kind")
+    if kind == "structure":
+        groups = stage.get("groups", [])
+        pairs = {(g["units_before"], g["removed"]) for g in groups}
+        if len(pairs) == 1 and len(groups) > 1:
+            (n, k), = pairs
+            how = f"{k} of {n} in each of {len(groups)} groups"
+        else:
+            how = f"{stage.get('units_removed', 0):,} of {stage.get('units_before', 0):,} units"
+        return (f"{stage['structure']} ({stage['method']}): requested ratio {stage['ratio']} -> removed {how} "
+                f"({stage.get('ratio_achieved', 0):.1%}); counts round half up per group")
+    if kind == "weights":
+        return (f"weights ({stage['method']}, {stage['pattern']}, {stage['allocation']}): requested sparsity "
+                f"{stage['target_sparsity']} -> {stage['sparsity']:.2%} of the pruned layers")
+    if kind == "training":
+        return f"training: requested sparsity {stage.get('target_sparsity')} -> {stage['sparsity']:.2%}"
+    if kind == "recovery":
+        return f"recovery ({stage.get('method')}): {stage.get('steps')} steps, masks kept"
+    return str(kind)
+
+
+def summary_table(out: dict[str, Any], report: dict[str, Any]) -> str:
+    """Parameters (total, in the pruned layers, nonzero), sparsity and what it is measured
+    over, MACs, perplexity before -> after, seconds, peak memory, output path."""
+    dense = out.get("dense", {})
+    stages = report.get("stages", [])
+    macs_after = next((s["macs_after"] for s in reversed(stages) if s.get("macs_after") is not None), None)
+    macs_before = dense.get("macs")
+    rows = [("", "before", "after", "")]
+
+    def ratio(a: Any, b: Any) -> str:
+        return f"{b / a:.3f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else ""
+
+    total_b, total_a = dense.get("params_total"), report.get("params_total")
+    rows.append(("parameters", human(total_b), human(total_a), ratio(total_b, total_a)))
+    rows.append(("  in pruned layers", human(dense.get("pruned_layers_params")), human(out.get("pruned_layers_params")),
+                 ""))
+    rows.append(("  nonzero", human(dense.get("params_nonzero")), human(report.get("params_nonzero")),
+                 ratio(dense.get("params_nonzero"), report.get("params_nonzero"))))
+    rows.append(("sparsity", f"{dense.get('sparsity', 0):.2%}", f"{report.get('sparsity', 0):.2%}",
+                 "of the " + str(out.get("sparsity_of", "prunable weights"))))
+    if macs_before is not None and macs_after is not None:
+        rows.append(("MACs (1x64 tokens)", human(macs_before), human(macs_after), ratio(macs_before, macs_after)))
+    else:
+        rows.append(("MACs", "", "unchanged", "sparse weights keep the dense shapes"))
+    if "perplexity" in out:
+        cached = " (dense: cached)" if out.get("dense_eval_cached") else ""
+        rows.append(("perplexity", human(out.get("perplexity_before")), human(out.get("perplexity")),
+                     f"{out.get('tokens', 0):,} tokens{cached}"))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{a:<{width[0]}}  {b:>{width[1]}}  {c:>{width[2]}}  {d}".rstrip() for a, b, c, d in rows]
+    lines += [f"stage {s.get('stage', i + 1)}: {achieved_line(s)}" for i, s in enumerate(stages)]
+    lines.append(f"seconds: pruning {out.get('prune_seconds', 0):.1f}, total {out.get('total_seconds', 0):.1f};"
+                 f" peak memory {out.get('peak_rss_mb', 0):,.0f} MB")
+    lines.append(f"output: {out.get('output')}")
+    return "\n".join(lines)
