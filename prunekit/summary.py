@@ -15,6 +15,10 @@ def human(x: float | int | None, unit: str = "") -> str:
     return f"{x:g}{unit}" if isinstance(x, float) else f"{x}{unit}"
 
 
+def _ppl(x: float | None) -> str:
+    return "n/a (NaN/Inf)" if x is None else f"{x:,.2f}"
+
+
 def achieved_line(stage: dict[str, Any]) -> str:
     """What a stage was asked for beside what it did, e.g. ``heads: requested ratio 0.25 ->
     removed 1 of 3 in each of 30 groups (33.3%)``."""
@@ -65,7 +69,7 @@ def summary_table(out: dict[str, Any], report: dict[str, Any]) -> str:
         rows.append(("MACs", "", "unchanged", "sparse weights keep the dense shapes"))
     if "perplexity" in out:
         cached = " (dense: cached)" if out.get("dense_eval_cached") else ""
-        rows.append(("perplexity", human(out.get("perplexity_before")), human(out.get("perplexity")),
+        rows.append(("perplexity", _ppl(out.get("perplexity_before")), _ppl(out.get("perplexity")),
                      f"{out.get('tokens', 0):,} tokens{cached}"))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{a:<{width[0]}}  {b:>{width[1]}}  {c:>{width[2]}}  {d}".rstrip() for a, b, c, d in rows]
