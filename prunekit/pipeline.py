@@ -91,7 +91,7 @@ def run(recipe: Recipe, model: nn.Module, *, tokenizer: Any = None, data: Any = 
         entry = {"stage": i + 1, "kind": kind, "params_before": before["params_total"],
                  "params_after": after["params_total"], "nonzero_before": before["params_nonzero"],
                  "nonzero_after": after["params_nonzero"], "sparsity": after["sparsity"],
-                 "sparsity_of": "weights of the prunable layers (Linear, Conv, Conv1D; heads and embeddings excluded)",
+                 "sparsity_of": "weights of the prunable layers (Linear, Conv, Conv1D; the LM head and embeddings excluded)",
                  **details, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
         stages_report.append(entry)
         history.append({"kind": kind, "config": stage_to_dict(stage), "seconds": seconds})
