@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from .rounding import count
+from .summary import human
 
 
 @dataclass(frozen=True)
@@ -187,15 +188,6 @@ def _recovery(i: int, stage: Any, model: nn.Module, example: Any, before: dict, 
 PLANNERS = {"structure": _structure, "weights": _weights, "training": _training, "recovery": _recovery}
 
 
-def _num(x: int | None) -> str:
-    if x is None:
-        return "n/a"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= size:
-            return f"{x / size:.2f}{unit}"
-    return str(x)
-
-
 def format_plan(p: Plan, max_rows: int = 12) -> str:
     """The plan as text: per stage its summary, the rows (identical rows folded), sizes, notes."""
     lines = [f"plan for {p.model} (nothing is changed or written):"]
@@ -207,8 +199,8 @@ def format_plan(p: Plan, max_rows: int = 12) -> str:
                          f"{', x' + str(n) if n > 1 else ''})")
         if len(folded) > max_rows:
             lines.append(f"       ... {len(folded) - max_rows} more")
-        lines.append(f"     params {_num(s.params_before)} -> {_num(s.params_after)}, nonzero {_num(s.nonzero_before)}"
-                     f" -> {_num(s.nonzero_after)}, MACs {_num(s.macs_before)} -> {_num(s.macs_after)}")
+        lines.append(f"     params {human(s.params_before)} -> {human(s.params_after)}, nonzero {human(s.nonzero_before)}"
+                     f" -> {human(s.nonzero_after)}, MACs {human(s.macs_before)} -> {human(s.macs_after)}")
         lines.extend(f"     note: {n}" for n in s.notes)
     return "\n".join(lines)
 
