@@ -14,6 +14,7 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .rounding import count
@@ -151,11 +152,13 @@ def _weights(i: int, stage: Any, model: nn.Module, example: Any, before: dict, m
     data_free = not (rule.uses_scores and SCORES.get(p.score.allocation_proxy).needs)
     amounts = allocate(model, p, None, False) if data_free else {n: stage.sparsity for n in p.all_layers}
     nm = stage.pattern.kind == "nm"
-    rows = []
+    rows, new_zeros = [], 0
     for name, target in p.all_layers.items():
-        n = target.weight().numel()
+        w = target.weight()
+        n = w.numel()
         removed = n // stage.pattern.m * (stage.pattern.m - stage.pattern.n) if nm else count(amounts[name], n)
         rows.append(Row(name, n, removed, "weights"))
+        new_zeros += max(removed - (n - int(torch.count_nonzero(w))), 0)  # weights already zero go first
     zeros = sum(r.removed for r in rows)
     notes = ["sparse weights keep the dense shapes: MACs are unchanged for dense kernels"
              + (f"; {stage.pattern} kernels skip {stage.pattern.n}/{stage.pattern.m} of them" if nm else "")]
@@ -166,7 +169,7 @@ def _weights(i: int, stage: Any, model: nn.Module, example: Any, before: dict, m
     summary = (f"weights: {stage.method} {stage.pattern}, sparsity {stage.sparsity} ({stage.allocation.name}): "
                f"{zeros:,} of {of:,} weights in {len(rows)} layers ({zeros / max(of, 1):.1%})")
     return StagePlan(i, "weights", summary, before["params_total"], before["params_total"], before["params_nonzero"],
-                     before["params_nonzero"] - zeros, macs, macs, tuple(rows), tuple(notes))
+                     before["params_nonzero"] - new_zeros, macs, macs, tuple(rows), tuple(notes))
 
 
 def _training(i: int, stage: Any, model: nn.Module, example: Any, before: dict, macs: int | None) -> StagePlan:
