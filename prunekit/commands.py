@@ -110,6 +110,7 @@ def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = F
     if getattr(args, "dry_run", False):
         return _dry_run(args, recipe, model, tokenizer, t0)
     dense_size = measure(model)
+    dense_macs = None if "structure" in [stage_kind(st) for st in recipe.stages] else _macs(model, tokenizer, recipe)
     dense_ppl = _dense_perplexity(args, model, tokenizer, recipe) if args.eval else None
     dense = copy.deepcopy(model) if latency else None
     previous = loaded if loaded.recipe is not None else None
@@ -139,7 +140,7 @@ def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = F
     if saved != out["params_after"]:  # zero biases the config's bias switch needs (plain from_pretrained reloads it)
         out["params_saved"] = saved
     after = measure(model)
-    out.update(dense={**dense_size, "macs": report["stages"][0].get("macs_before")},
+    out.update(dense={**dense_size, "macs": report["stages"][0].get("macs_before", dense_macs)},
                pruned_layers_params=after["pruned_layers_params"], sparsity_of=report["stages"][-1]["sparsity_of"],
                prune_seconds=prune_seconds, output=output)
     if dense_ppl is not None:
@@ -152,6 +153,18 @@ def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = F
     out["summary"] = summary_table(out, report)
     log.info("saved to %s (%.1f s)", output, out["total_seconds"])
     return out
+
+
+def _macs(model: Any, tokenizer: Any, recipe: Any) -> int | None:
+    """MACs of the dense model on one 1x64-token window (as structure stages report them),
+    for runs whose stages keep every shape."""
+    from .calibration import CalibrationData
+    from .evaluate.macs import count_macs
+
+    if tokenizer is None:
+        return None
+    c = recipe.calibration
+    return count_macs(model, CalibrationData.from_text(tokenizer, c.text, 1, c.seqlen, c.seed, 1).trace_inputs(model))
 
 
 def _evaluate(args: argparse.Namespace, model: Any, tokenizer: Any, recipe: Any) -> Any:

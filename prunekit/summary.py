@@ -48,8 +48,10 @@ def summary_table(out: dict[str, Any], report: dict[str, Any]) -> str:
     over, MACs, perplexity before -> after, seconds, peak memory, output path."""
     dense = out.get("dense", {})
     stages = report.get("stages", [])
-    macs_after = next((s["macs_after"] for s in reversed(stages) if s.get("macs_after") is not None), None)
     macs_before = dense.get("macs")
+    reshaped = any(s.get("kind") == "structure" for s in stages)
+    macs_after = next((s["macs_after"] for s in reversed(stages) if s.get("macs_after") is not None),
+                      None if reshaped else macs_before)  # sparse weights keep every shape
     rows = [("", "before", "after", "")]
 
     def ratio(a: Any, b: Any) -> str:
@@ -64,9 +66,10 @@ def summary_table(out: dict[str, Any], report: dict[str, Any]) -> str:
     rows.append(("sparsity", f"{dense.get('sparsity', 0):.2%}", f"{report.get('sparsity', 0):.2%}",
                  "of the " + str(out.get("sparsity_of", "prunable weights"))))
     if macs_before is not None and macs_after is not None:
-        rows.append(("MACs (1x64 tokens)", human(macs_before), human(macs_after), ratio(macs_before, macs_after)))
+        rows.append(("MACs (1x64 tokens)", human(macs_before), human(macs_after),
+                     ratio(macs_before, macs_after) if reshaped else "dense kernels; sparse weights keep the shapes"))
     else:
-        rows.append(("MACs", "", "unchanged", "sparse weights keep the dense shapes"))
+        rows.append(("MACs", "n/a", "n/a", "not counted (an op the tracer has no rule for; see the log)"))
     if "perplexity" in out:
         cached = " (dense: cached)" if out.get("dense_eval_cached") else ""
         rows.append(("perplexity", _ppl(out.get("perplexity_before")), _ppl(out.get("perplexity")),
