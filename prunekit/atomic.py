@@ -88,8 +88,10 @@ def write_dir_atomically(dest: Path, write: Callable[[Path], None], *, replace: 
 
 
 def write_text_atomically(dest: Path, text: str) -> Path:
-    """Write ``text`` to ``dest`` through a temporary file in the same directory."""
+    """Write ``text`` to ``dest`` through a temporary file in the same directory (those that
+    killed runs left for ``dest`` are removed first)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -226,3 +226,14 @@ def test_run_takes_the_same_dry_run_and_before_after_table(capsys, tiny_llama_di
                            "--eval-max-tokens", 256)
     assert code == 0 and "stage 1: neurons (l2): requested ratio 0.25" in out and "stage 2: weights" in out
     assert next(ln for ln in out.splitlines() if ln.startswith("perplexity")).count(".") >= 2
+
+
+def test_atomic_text_writes_clean_up_after_killed_runs(tmp_path):
+    from prunekit.atomic import write_text_atomically
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".k.json.tmp-{dead.pid}-xyz"
+    stale.write_text("{")
+    write_text_atomically(tmp_path / "k.json", "{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.json"] and (tmp_path / "k.json").read_text() == "{}\n"
