@@ -5,6 +5,7 @@ import argparse
 import copy
 import logging
 import time
+from pathlib import Path
 from dataclasses import replace
 from typing import Any
 
@@ -52,7 +53,7 @@ def prune_recipe(args: argparse.Namespace) -> Any:
     from .structural import StructureConfig
 
     if args.recipe:
-        recipe = Recipe.from_yaml(args.recipe)
+        recipe = Recipe.from_yaml(Path(args.recipe))
         return Recipe(recipe.stages, replace(recipe.calibration, text=args.calib)) if args.calib != "default" else recipe
     if args.structure:
         spec = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed, args.batch_size)
@@ -230,7 +231,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from .recipe import Recipe
 
     t0 = time.perf_counter()
-    recipe = Recipe.from_yaml(args.recipe)  # validated before anything is loaded
+    recipe = Recipe.from_yaml(Path(args.recipe))  # validated before anything is loaded
     if args.calib is not None:
         recipe = Recipe(recipe.stages, replace(recipe.calibration, text=args.calib))
     return _execute(args, recipe, t0)

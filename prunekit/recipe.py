@@ -141,9 +141,11 @@ def _fit_nm(stages: tuple[Any, ...]) -> tuple[Any, ...]:
 def _read(source: str | Path) -> str:
     if isinstance(source, Path) or ("\n" not in str(source) and str(source).endswith((".yaml", ".yml"))):
         path = Path(source)
-        if not path.is_file():
+        if path.is_dir():
+            raise ConfigError(f"recipe {path} is a directory; pass its prunekit_recipe.yaml or a YAML file")
+        if not path.exists():
             raise ConfigError(f"recipe file {path} does not exist")
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")  # a file, or a pipe such as /dev/stdin
     return str(source)
 
 

@@ -237,3 +237,13 @@ def test_atomic_text_writes_clean_up_after_killed_runs(tmp_path):
     stale.write_text("{")
     write_text_atomically(tmp_path / "k.json", "{}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.json"] and (tmp_path / "k.json").read_text() == "{}\n"
+
+
+def test_a_recipe_can_come_through_a_pipe_and_a_directory_is_named(tiny_llama_dir, tmp_path):
+    recipe = "calibration: {nsamples: 2, seqlen: 64}\nstages:\n  - weights: {method: magnitude, sparsity: 0.5}\n"
+    res = subprocess.run([sys.executable, "-m", "prunekit.cli", "run", "/dev/stdin", str(tiny_llama_dir), "--dry-run",
+                          "--quiet"], input=recipe, capture_output=True, text=True)
+    assert res.returncode == 0 and "1. weights: magnitude" in res.stdout, res.stderr
+    res = subprocess.run([sys.executable, "-m", "prunekit.cli", "run", str(tmp_path), str(tiny_llama_dir),
+                          "--dry-run"], capture_output=True, text=True)
+    assert res.returncode == 2 and "is a directory" in res.stderr
