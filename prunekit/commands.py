@@ -111,7 +111,7 @@ def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = F
     if getattr(args, "dry_run", False):
         return _dry_run(args, recipe, model, tokenizer, t0)
     dense_size = measure(model)
-    dense_macs = None if "structure" in [stage_kind(st) for st in recipe.stages] else _macs(model, tokenizer, recipe)
+    dense_macs = None if "structure" in [stage_kind(st) for st in recipe.stages] else _macs(model)
     dense_ppl = _dense_perplexity(args, model, tokenizer, recipe) if args.eval else None
     dense = copy.deepcopy(model) if latency else None
     previous = loaded if loaded.recipe is not None else None
@@ -156,16 +156,16 @@ def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = F
     return out
 
 
-def _macs(model: Any, tokenizer: Any, recipe: Any) -> int | None:
-    """MACs of the dense model on one 1x64-token window (as structure stages report them),
-    for runs whose stages keep every shape."""
-    from .calibration import CalibrationData
+def _macs(model: Any) -> int | None:
+    """MACs of the dense model on one 1x64-token window (the shape structure stages count
+    on), for runs whose stages keep every shape. MACs depend on the shape only, so the ids
+    are zeros rather than a second tokenisation of the calibration text."""
+    import torch
+
     from .evaluate.macs import count_macs
 
-    if tokenizer is None:
-        return None
-    c = recipe.calibration
-    return count_macs(model, CalibrationData.from_text(tokenizer, c.text, 1, c.seqlen, c.seed, 1).trace_inputs(model))
+    device = next(model.parameters()).device
+    return count_macs(model, {"input_ids": torch.zeros((1, 64), dtype=torch.long, device=device), "use_cache": False})
 
 
 def _evaluate(args: argparse.Namespace, model: Any, tokenizer: Any, recipe: Any) -> Any:

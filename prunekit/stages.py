@@ -123,7 +123,8 @@ def run_training(stage: TrainingStage, model: nn.Module, data: Any, progress: bo
     ctrl.make_permanent()
     for p in model.parameters():
         p.requires_grad_(False)
-    return {"loss_first": losses[0], "loss_last": losses[-1], "trained_sparsity": sparsity}
+    return {"loss_first": losses[0], "loss_last": losses[-1], "trained_sparsity": sparsity,
+            "target_sparsity": stage.sparsity}
 
 
 def run_recovery(stage: RecoveryStage, model: nn.Module, data: Any, progress: bool) -> dict[str, Any]:
@@ -149,7 +150,7 @@ def run_recovery(stage: RecoveryStage, model: nn.Module, data: Any, progress: bo
         for name, p in prunable_parameters(model).items():
             if name in masks and masks[name].shape == p.shape:
                 p.masked_fill_(masks[name], 0)
-    return {"loss_first": losses[0], "loss_last": losses[-1]}
+    return {"loss_first": losses[0], "loss_last": losses[-1], "method": stage.method, "steps": stage.steps}
 
 
 __all__ = ["TrainingStage", "RecoveryStage", "run_training", "run_recovery"]

@@ -37,9 +37,10 @@ def achieved_line(stage: dict[str, Any]) -> str:
         return (f"weights ({stage['method']}, {stage['pattern']}, {stage['allocation']}): requested sparsity "
                 f"{stage['target_sparsity']} -> {stage['sparsity']:.2%} of the pruned layers")
     if kind == "training":
-        return f"training: requested sparsity {stage.get('target_sparsity')} -> {stage['sparsity']:.2%}"
+        return f"training: requested sparsity {stage['target_sparsity']} -> {stage['sparsity']:.2%}"
     if kind == "recovery":
-        return f"recovery ({stage.get('method')}): {stage.get('steps')} steps, masks kept"
+        return (f"recovery ({stage['method']}): {stage['steps']} steps, loss {stage['loss_first']:.3f} -> "
+                f"{stage['loss_last']:.3f}, masks kept")
     return str(kind)
 
 

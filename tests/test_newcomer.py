@@ -247,3 +247,17 @@ def test_a_recipe_can_come_through_a_pipe_and_a_directory_is_named(tiny_llama_di
     res = subprocess.run([sys.executable, "-m", "prunekit.cli", "run", str(tmp_path), str(tiny_llama_dir),
                           "--dry-run"], capture_output=True, text=True)
     assert res.returncode == 2 and "is a directory" in res.stderr
+
+
+def test_training_and_recovery_stages_say_what_they_did(smol_tokenizer):
+    import prunekit
+    from prunekit.summary import achieved_line
+
+    model = tiny_model("llama", vocab=len(smol_tokenizer))
+    recipe = {"calibration": {"nsamples": 2, "seqlen": 64},
+              "stages": [{"training": {"sparsity": 0.5, "steps": 4, "frequency": 1}},
+                         {"recovery": {"method": "bias_norm", "steps": 2}}]}
+    stages = prunekit.run(recipe, model, tokenizer=smol_tokenizer, progress=False).report["stages"]
+    train, recover = (achieved_line(s) for s in stages)
+    assert train == f"training: requested sparsity 0.5 -> {stages[0]['sparsity']:.2%}" and "None" not in train
+    assert recover.startswith("recovery (bias_norm): 2 steps, loss ") and "masks kept" in recover
