@@ -26,7 +26,7 @@ the run prints what it removed beside what was asked. N:M keeps exactly N of eve
 #: flags that only weight pruning takes, and only structural pruning takes (name -> default)
 WEIGHTS_ONLY = {"sparsity": None, "pattern": "unstructured", "owl_m": None, "owl_lambda": None, "blocksize": None,
                 "damp": None, "sequential": "layer", "unreached": "magnitude", "offload": "none"}
-STRUCTURE_ONLY = {"ratio": None, "heads": "kv", "round_to": 1, "latency": False, "override": []}
+STRUCTURE_ONLY = {"ratio": None, "heads": "auto", "round_to": 1, "latency": False, "override": []}
 
 
 class Parser(argparse.ArgumentParser):
@@ -89,9 +89,10 @@ def _prune_parser(sub: Any) -> None:
                         "transformers), neurons (MLP), heads (attention), layers (blocks), experts (MoE)")
     p.add_argument("--ratio", type=float, default=None, help="with --structure: fraction of units removed, in [0, 1) "
                    "(rounded half up per group)")
-    p.add_argument("--heads", default=None, choices=["kv", "query"],
-                   help="with --structure heads: remove whole key/value groups (kv) or the same number of "
-                        "query heads from every group (query)")
+    p.add_argument("--heads", default=None, choices=["auto", "kv", "query"],
+                   help="with --structure heads: remove whole key/value groups (kv), the same number of "
+                        "query heads from every group (query), or auto (default: kv where every layer has "
+                        "several key/value heads, else query)")
     p.add_argument("--round-to", type=int, default=None, help="with --structure: keep a multiple of this many units")
     p.add_argument("--latency", action="store_true", default=None,
                    help="with --structure: also time the dense and the pruned model on one calibration window "

@@ -39,3 +39,23 @@ class OptimizerMismatchError(PrunekitError, ValueError):
 
 class StructureError(PrunekitError):
     """A model's structure cannot be traced or a structural removal would break it."""
+
+
+class NoSuchStructure(StructureError):
+    """The model has none of the structure asked for (no MoE experts, no attention heads):
+    nothing is wrong with it, that structure just does not apply."""
+
+
+class UntraceableOp(StructureError):
+    """An op the structural tracer cannot follow on tensors that carry units. ``op``: its
+    name; ``module``: the innermost module running it ("" at the model's top level)."""
+
+    def __init__(self, message: str, op: str = "", module: str = "") -> None:
+        super().__init__(message)
+        self.op, self.module = op, module
+
+
+class ReplayError(UnsupportedModelError):
+    """The model cannot run with its blocks replayed one by one (a block returns a tuple the
+    model unpacks, blocks run out of order or not once each); the runner falls back to
+    whole-model forwards."""

@@ -117,6 +117,10 @@ def _weights(stage: Any, model: nn.Module, data: Any, device: Any, progress: boo
                device=str(device if device is not None else weight.device))
     if outcome.unreached:
         rep["unreached"] = outcome.unreached
+    if outcome.dead_inputs:  # every calibration input zero: pruned by magnitude or left dense, not emptied
+        rep["dead_inputs"] = outcome.dead_inputs
+    if outcome.left_dense:  # weights of layer types one-shot pruning does not handle (e.g. Mamba's A_log)
+        rep["left_dense"] = outcome.left_dense
     return rep
 
 

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, UnsupportedModelError
+from .errors import ConfigError
 from .models.moe import ExpertsLayout, experts_layout, router_names
 
 
@@ -142,10 +142,19 @@ def _expert_targets(full: str, module: nn.Module, layout: ExpertsLayout) -> list
 
 def select_layers(root: nn.Module, prefix: str, ignore: tuple[str, ...]) -> dict[str, Target]:
     """Prunable weights under ``root`` by full name, minus ignored ones, in module order.
+    Parameters of other layer types stay dense and are named by :func:`left_dense`."""
+    return _scan(root, prefix, ignore)[0]
 
-    Raises if ``root`` holds a matrix-shaped parameter outside any supported layer that is
-    neither a router nor ignored: pruning must never silently skip weights it cannot handle.
-    """
+
+def left_dense(root: nn.Module, prefix: str, ignore: tuple[str, ...]) -> dict[str, list[int]]:
+    """``name -> shape`` of the parameters under ``root`` that one-shot pruning leaves dense
+    because no supported layer holds them (Mamba's ``A_log``, a depthwise ``conv1d`` kernel,
+    RWKV's ``time_mix_*``): neither a target, a router, a norm-like vector nor ignored. The
+    report lists them, so nothing is skipped silently."""
+    return _scan(root, prefix, ignore)[1]
+
+
+def _scan(root: nn.Module, prefix: str, ignore: tuple[str, ...]) -> tuple[dict[str, Target], dict[str, list[int]]]:
     layers: dict[str, Target] = {}
     covered: set[int] = set()
     routers = router_names(root)
@@ -162,12 +171,6 @@ def select_layers(root: nn.Module, prefix: str, ignore: tuple[str, ...]) -> dict
             covered.update(id(p) for p in module.parameters(recurse=False))
             if not _ignored(full, ignore):
                 layers[full] = as_target(module, full)
-    for name, param in root.named_parameters():
-        full = f"{prefix}.{name}"
-        if param.dim() >= 2 and id(param) not in covered and not _ignored(full, ignore):
-            raise UnsupportedModelError(
-                f"parameter {full} {tuple(param.shape)} belongs to a layer type prunekit cannot prune "
-                f"(supported: nn.Linear, transformers Conv1D, fused MoE experts); exclude it with --ignore "
-                f"'{re.escape(full.rsplit('.', 1)[0])}' to leave it dense"
-            )
-    return layers
+    dense = {f"{prefix}.{name}": list(param.shape) for name, param in root.named_parameters()
+             if param.dim() >= 2 and id(param) not in covered and not _ignored(f"{prefix}.{name}", ignore)}
+    return layers, dense

@@ -98,3 +98,32 @@ def test_hub_dataset_without_datasets_package_or_network():
 
     with pytest.raises(DataError, match="wikitext2"):
         load_text("wikitext2", "eval")
+
+
+def test_a_pruned_encoder_reloads_as_the_class_it_was_saved_from(tmp_path, caplog):
+    """A BERT encoder with heads removed (6 heads x 16 != hidden 128: no BertConfig says so)
+    reloads with prunekit.load as a BertModel with the same outputs, not as a causal LM with
+    a fresh head, and the save says plain from_pretrained cannot."""
+    import logging
+
+    import transformers as tf
+
+    import prunekit
+    from prunekit.result import Result
+    from prunekit.structural import StructureConfig, prune_structure
+
+    torch.manual_seed(0)
+    model = tf.BertModel(tf.BertConfig(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
+                                       intermediate_size=256)).eval()
+    batch = {"input_ids": torch.randint(0, 128, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    result = prune_structure(model, StructureConfig("heads", 0.25, "l2"), example_inputs=batch)
+    assert [layer.attention.self.num_attention_heads for layer in model.encoder.layer] == [6, 6]
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state
+    with caplog.at_level(logging.WARNING):
+        Result(model, result.recipe, result.report, result.history).save(tmp_path / "enc")
+    assert "prunekit.load" in caplog.text
+    loaded, _ = prunekit.load(str(tmp_path / "enc"))
+    assert type(loaded) is tf.BertModel
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).last_hidden_state, expected)

@@ -132,7 +132,12 @@ def test_model_without_blocks_is_rejected():
         prune_oneshot(model, PruneConfig.from_method("magnitude"))
 
 
-def test_unsupported_weight_is_named_not_skipped():
+def test_unsupported_weight_is_left_dense_and_named_not_skipped():
+    """A block holding a weight of a layer type one-shot pruning does not handle (a Conv1d
+    here; Mamba's A_log, RWKV's time_mix in real models): its Linear layers are pruned and the
+    rest is named in the report as left dense, not an error."""
+    from prunekit.api import prune
+
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -141,11 +146,16 @@ def test_unsupported_weight_is_named_not_skipped():
 
     model = nn.Module()
     model.layers = nn.ModuleList([Block(), Block()])
-    with pytest.raises(UnsupportedModelError, match=r"layers\.0\.conv\.weight.*--ignore"):
-        prune_oneshot(model, PruneConfig.from_method("magnitude"))
-    prune_oneshot(model, PruneConfig.from_method("magnitude", target=Target((r"\.conv",))))
+    outcome = prune_oneshot(model, PruneConfig.from_method("magnitude"))
+    assert outcome.left_dense == {"layers.0.conv.weight": [8, 8, 3], "layers.1.conv.weight": [8, 8, 3]}
     assert float((model.layers[0].fc.weight == 0).float().mean()) == 0.5
     assert (model.layers[0].conv.weight != 0).all()
+    ignored = prune_oneshot(model, PruneConfig.from_method("magnitude", target=Target((r"\.conv",))))
+    assert ignored.left_dense == {}  # ignored on purpose: not listed
+    model2 = nn.Module()
+    model2.layers = nn.ModuleList([Block(), Block()])
+    report = prune(model2, PruneConfig.from_method("magnitude"), progress=False).report
+    assert report["stages"][0]["left_dense"] == {"layers.0.conv.weight": [8, 8, 3], "layers.1.conv.weight": [8, 8, 3]}
 
 
 def test_data_methods_require_data():
@@ -185,3 +195,42 @@ def test_nonuniform_allocation_hits_target(alloc, method):
         assert max(s1) < min(s0)
     else:
         assert len({round(v["sparsity"], 3) for v in layers.values()}) > 1
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_layer_whose_calibration_inputs_are_all_zero_is_named_not_emptied(method):
+    """Gemma-3n had layers that SparseGPT left 100% sparse with no word: a dead branch (its
+    input multiplied by zero) is pruned by magnitude to the asked amount and named."""
+    from prunekit.api import prune
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.fc2(self.fc1(x) * 0.0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Net()
+    w = model.layers[0].fc2.weight.detach().clone()
+    data = torch.randn(4, 6, 8)
+    report = prune(model, PruneConfig.from_method(method), data=data, progress=False).report["stages"][0]
+    assert report["dead_inputs"] == {"layers.0.fc2": "magnitude", "layers.1.fc2": "magnitude"}
+    for layer in model.layers:
+        assert float((layer.fc2.weight == 0).float().mean()) == 0.5
+        assert float((layer.fc1.weight == 0).float().mean()) == 0.5
+    kept = model.layers[0].fc2.weight != 0  # magnitude: the largest half of each row survives, unchanged
+    assert torch.equal(model.layers[0].fc2.weight[kept], w[kept])
+    assert float(w[kept].abs().min()) >= float(w[~kept].abs().max()) - 1e-6 or \
+        all(float(w[r][kept[r]].abs().min()) >= float(w[r][~kept[r]].abs().max()) for r in range(8))

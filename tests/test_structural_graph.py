@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -195,9 +196,46 @@ def test_untraceable_op_is_named():
         build_graph(_Untraceable(), torch.randn(2, 8))
 
 
-def test_hard_coded_sizes_fail_clearly():
-    with pytest.raises(StructureError, match="no longer runs"):
-        prune_structure(_HardCoded(), StructureConfig("neurons", 0.5), example_inputs=torch.randn(2, 8))
+def test_hard_coded_sizes_fail_clearly_and_the_model_survives():
+    """The failure comes after removal began: the caller's model is put back exactly."""
+    torch.manual_seed(0)
+    model, x = _HardCoded(), torch.randn(2, 8)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises(StructureError, match="no longer runs.*restored"):
+        prune_structure(model, StructureConfig("neurons", 0.5), example_inputs=x)
+    assert model.a.out_features == 8 and model.b.in_features == 8
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_a_failed_head_removal_restores_a_hugging_face_model(monkeypatch):
+    """A failure inside removal (after some tensors were cut) leaves the HF model, its config
+    and its attention modules' head counts as they were, with the bias FLAP compensation adds."""
+    from prunekit.structural import prune as prune_module
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    heads = [layer.self_attn.config.num_attention_heads for layer in model.model.layers]
+    real = prune_module.remove_units
+
+    def cut_then_fail(m, units):
+        real(m, units)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(prune_module, "remove_units", cut_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prune_module.prune_structure(model, StructureConfig("heads", 0.5, "flap"), data=ids)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [layer.self_attn.config.num_attention_heads for layer in model.model.layers] == heads
+    assert all(layer.self_attn.o_proj.bias is None for layer in model.model.layers)
+    with torch.no_grad():
+        model(input_ids=ids)
 
 
 def test_ratio_that_empties_a_group_is_refused():
@@ -255,12 +293,112 @@ class _WithLSTM(nn.Module):
         return self.c(torch.relu(self.b(self.rnn(torch.relu(self.a(x)))[0])))
 
 
-def test_unsupported_layer_is_named_and_can_be_a_black_box():
+def test_an_lstm_is_a_black_box():
+    """A fused recurrent kernel: units entering it are frozen, the rest prunes."""
     model, x = _WithLSTM(), torch.randn(2, 5, 8)
-    with pytest.raises(StructureError, match=r"'lstm' \(in module 'rnn'\).*ignore=\['\^rnn\$'\]"):
-        build_graph(model, x)
-    graph = build_graph(model, x, ignore=("^rnn$",))
+    graph = build_graph(model, x)
     assert [(g.name, len(g)) for g in graph.groups] == [("b+", 32)]  # a feeds the LSTM: kept whole
-    result = prune_structure(model, StructureConfig("neurons", 0.5, ignore=("^rnn$",)), example_inputs=x)
+    result = prune_structure(model, StructureConfig("neurons", 0.5), example_inputs=x)
     assert model.b.out_features == 16 and model.c.in_features == 16 and model.a.out_features == 16
     assert result.report["params_after"] < result.report["params_before"]
+
+
+class _Odd(nn.Module):
+    """An op with no coupling rule (erfcx) inside a submodule of every block."""
+
+    def forward(self, x):
+        return torch.special.erfcx(x)
+
+
+class _OddBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.act, self.down, self.fc1, self.fc2 = (nn.Linear(8, 16), _Odd(), nn.Linear(16, 8),
+                                                            nn.Linear(8, 12), nn.Linear(12, 8))
+
+    def forward(self, x):
+        return x + self.down(self.act(self.up(x))) + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _OddNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_OddBlock(), _OddBlock()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_an_untraceable_op_names_a_fix_for_every_block_and_the_fix_gets_further():
+    torch.manual_seed(0)
+    model, x = _OddNet(), torch.randn(2, 5, 8)
+    with pytest.raises(StructureError, match=r"'special_erfcx' \(in module 'layers.0.act'\)") as err:
+        build_graph(model, x, auto_box=False)
+    printed = str(err.value)
+    assert r"ignore=[r'^layers\.\d+\.act$']" in printed and r"--ignore '^layers\.\d+\.act$'" in printed
+    pattern = printed.split("ignore=[r'")[1].split("']")[0]
+    graph = build_graph(model, x, ignore=(pattern,), auto_box=False)  # as printed: covers layer 1 too
+    names = [(g.name, len(g)) for g in graph.groups]
+    assert names == [("layers.0", 12), ("layers.1", 12)]  # fc1's neurons; up feeds the box: kept whole
+
+
+def test_an_untraceable_module_becomes_a_black_box_by_default_and_is_reported():
+    torch.manual_seed(0)
+    model, x = _OddNet(), torch.randn(2, 5, 8)
+    graph = build_graph(model, x)
+    assert [b["modules"] for b in graph.black_boxes] == [r"^layers\.\d+\.act$"]
+    assert graph.black_boxes[0]["op"] == "special_erfcx"
+    assert [(g.name, len(g)) for g in graph.groups] == \
+        [(g.name, len(g)) for g in build_graph(model, x, ignore=(r"^layers\.\d+\.act$",)).groups]
+    reference = copy.deepcopy(model)
+    result = prune_structure(model, StructureConfig("neurons", 0.5, "l2"), example_inputs=x)
+    assert result.report["black_boxes"][0]["modules"] == r"^layers\.\d+\.act$"
+    assert [layer.fc1.out_features for layer in model.layers] == [6, 6]
+    assert [layer.up.out_features for layer in model.layers] == [16, 16]
+    assert result.report["exact"] is True
+    units = [g.units[i] for g in build_graph(reference, x).groups
+             for e in result.report["groups"] if e["name"] == g.name for i in e["removed_indices"]]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), mask_units(reference, units)(x), rtol=1e-5, atol=1e-6)
+
+class _WSConv(nn.Conv2d):
+    """A weight-standardised convolution as NFNets write it (timm's ScaledStdConv2d)."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                         momentum=0.0, eps=1e-5).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _WSNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = _WSConv(3, 8, 3, padding=1), _WSConv(8, 8, 3, padding=1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+
+def test_weight_standardisation_over_pruned_inputs_is_reported_inexact():
+    """Standardising a weight over its input channels: removing some changes the rest's scale,
+    so the result differs from masking and the report must say so (nfnet was called exact)."""
+    torch.manual_seed(0)
+    model, x = _WSNet(), torch.randn(2, 3, 8, 8)
+    graph = build_graph(model, x)
+    assert [(g.name, len(g), g.inexact) for g in graph.groups] == [("a+", 8, True), ("b+", 8, False)]
+    reference = copy.deepcopy(model)
+    result = prune_structure(model, StructureConfig("channels", 0.5, "l2"), example_inputs=x)
+    assert result.report["exact"] is False
+    by_name = {g.name: g for g in graph.groups}
+    units = [by_name[e["name"]].units[i] for e in result.report["groups"] for i in e["removed_indices"]]
+    with torch.no_grad():
+        gap = float((model(x) - mask_units(reference, units)(x)).abs().max())
+    assert gap > 1e-3  # really inexact: the flag is needed
+    only_b = build_graph(reference, x).groups[1]
+    pruned_b = copy.deepcopy(reference)
+    from prunekit.structural import remove_units
+    remove_units(pruned_b, only_b.units[:4])  # the exact group alone matches masking
+    with torch.no_grad():
+        torch.testing.assert_close(pruned_b(x), mask_units(reference, only_b.units[:4])(x), rtol=1e-5, atol=1e-5)

@@ -111,10 +111,22 @@ def test_one_kv_head_loses_query_heads_exactly(family, attn):
 def test_kv_on_one_kv_head_names_the_fix(family):
     model = tiny(family, kv=1)
     with pytest.raises(ConfigError, match=r"self_attn has one key/value head.*use --heads query"):
-        prune_structure(model, StructureConfig("heads", 0.5, "l2"), example_inputs=INPUTS)
+        prune_structure(model, StructureConfig("heads", 0.5, "l2", heads="kv"), example_inputs=INPUTS)
     with pytest.raises(ConfigError, match="one key/value head"):
-        prune_structure(model, StructureConfig("heads", 0.25, "l2"), example_inputs=INPUTS)  # not a silent no-op
+        prune_structure(model, StructureConfig("heads", 0.25, "l2", heads="kv"), example_inputs=INPUTS)  # not a no-op
     assert heads_of(model) == [(4, 1), (4, 1)]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_auto_heads_prunes_query_heads_of_one_kv_head_exactly(family):
+    """The default, heads='auto': with one key/value head per layer (multi-query attention)
+    the query heads go, the same number per layer, exactly."""
+    model = tiny(family, kv=1)
+    reference = copy.deepcopy(model)
+    result = prune_structure(model, StructureConfig("heads", 0.5, "l2"), example_inputs=INPUTS)
+    assert heads_of(model) == [(2, 1), (2, 1)]
+    assert all("removed_query_heads" in g for g in result.report["groups"])
+    assert_exact(result, model, masked(reference, model))
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen3"])

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import UnsupportedModelError
+from ..errors import ReplayError, UnsupportedModelError
 from .data import CalibrationData, move
 
 
@@ -53,7 +53,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList,
         def forward(*args: Any, **kwargs: Any) -> Any:
             hidden_as_kwarg = not args
             if hidden_as_kwarg and "hidden_states" not in kwargs:
-                raise UnsupportedModelError(
+                raise ReplayError(
                     f"block {index} was called without hidden states (positional or 'hidden_states='); "
                     "the layer-by-layer runner cannot replay it")
             hidden = kwargs.pop("hidden_states") if hidden_as_kwarg else args[0]
@@ -77,7 +77,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList,
             except UnsupportedModelError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a model that cannot run with recorded blocks
-                raise UnsupportedModelError(
+                raise ReplayError(
                     f"{type(model).__name__} cannot run with its blocks replayed one by one "
                     f"({type(exc).__name__}: {exc})") from exc
     finally:
@@ -85,7 +85,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList,
             block.__dict__.pop("forward", None)
     for i, block_calls in enumerate(calls):
         if len(block_calls) != len(data):
-            raise UnsupportedModelError(
+            raise ReplayError(
                 f"block {i} of {len(blocks)} ran {len(block_calls)} times for {len(data)} batches: "
                 "the model does not call its blocks once each in order, which the layer-by-layer runner needs"
             )

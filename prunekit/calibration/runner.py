@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..errors import CalibrationError, ConfigError
+from ..errors import CalibrationError, ConfigError, ReplayError
 from ..targets import Target
 from .cache import OFFLOADS, HiddenCache, Offload
 from .capture import BlockCall, capture_block_inputs
@@ -77,6 +77,7 @@ class RunReport:
 
     unreached: list[str] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
+    whole_model: str = ""  # why blocks could not be replayed one by one ("" when they were)
 
 
 class _StopBlock(Exception):
@@ -180,7 +181,20 @@ def run_sequential(model: nn.Module, data: CalibrationData, blocks: tuple[str, n
                 unwatch(extra)
             return report
         name, modules = blocks
-        hiddens, calls = capture_block_inputs(model, modules, data)
+        try:
+            hiddens, calls = capture_block_inputs(model, modules, data)
+        except ReplayError as exc:
+            # Same statistics, from whole-model forwards: the lockstep still visits layer by
+            # layer in execution order; memory holds one batch's activations, not one block's.
+            log.warning("%s; calibrating with whole-model forwards instead", exc)
+            report.whole_model = str(exc)
+            merged = {n: t for block_layers in layers for n, t in block_layers.items()}
+            extra = _observe_blocks(modules, observer) if observer is not None else []
+            try:
+                _run_whole(model, data, merged, visit, gram, moments, modifies, options, report, device)
+            finally:
+                unwatch(extra)
+            return report
         for h in hiddens:
             _check_finite(h, "the input of the first block")
         with HiddenCache(device, options.offload) as cache:
@@ -261,6 +275,23 @@ def _run_block(i: int, block: nn.Module, where: str, calls: list[BlockCall], cac
         return [t for t in targets if t not in groups.leader]
     finally:
         unwatch(extra)
+
+
+def _observe_blocks(modules: nn.ModuleList, observer: Observer) -> list[Any]:
+    """An observer's hooks on every block during whole-model forwards: its ``hooks`` per block,
+    and ``batch`` fed each block's hidden input and output."""
+    handles: list[Any] = []
+    for i, block in enumerate(modules):
+        if observer.hooks is not None:
+            handles += observer.hooks(i, block)
+        if observer.batch is not None:
+            def seen(module: nn.Module, args: tuple, kwargs: dict, out: Any, i: int = i) -> None:
+                h_in = args[0] if args else kwargs.get("hidden_states")
+                h_out = out[0] if isinstance(out, (tuple, list)) else out
+                if isinstance(h_in, Tensor) and isinstance(h_out, Tensor):
+                    observer.batch(i, h_in, h_out)
+            handles.append(block.register_forward_hook(seen, with_kwargs=True))
+    return handles
 
 
 def _run_whole(model: nn.Module, data: CalibrationData, targets: dict[str, Target], visit: GroupVisitor,

@@ -2,6 +2,8 @@
 The directory is written under a temporary name and renamed into place: never half-written."""
 from __future__ import annotations
 
+import logging
+
 import json
 import os
 from pathlib import Path
@@ -14,6 +16,8 @@ RECIPE_FILE = "prunekit_recipe.yaml"
 REPORT_FILE = "prunekit_report.json"
 WEIGHTS_FILE = "model.safetensors"
 
+
+log = logging.getLogger(__name__)
 
 def check_output(path: str | Path, overwrite: bool = False) -> Path:
     """Fail early, before any work, if ``path`` cannot receive a result; temporary
@@ -46,6 +50,10 @@ def save(result: Any, path: str | Path, *, overwrite: bool = False) -> Path:
     uniform = fit_hf_config(model) if is_hf else False
     structural = any(h.get("kind") == "structure" for h in result.history)
     record = structure_record(model, uniform) if (structural or not uniform) else None
+    if is_hf and not uniform:
+        log.warning("%s has sizes its config cannot describe (per-layer sizes, or heads x head_dim != hidden "
+                    "size as in BERT); %s reloads with prunekit.load(path), as the class it was saved from, "
+                    "not with plain from_pretrained", type(model).__name__, out)
     recipe_yaml = result.recipe.to_yaml() if result.recipe is not None else None
 
     def write(tmp: Path) -> None:

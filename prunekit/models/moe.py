@@ -53,15 +53,40 @@ def experts_layout(module: nn.Module) -> ExpertsLayout | None:
                          bool(getattr(module, "has_bias", False)))
 
 
+#: names a mixture-of-experts layer gives its router (Mixtral/Qwen: gate; GPT-OSS, PhiMoE, Llama 4,
+#: GraniteMoE, JetMoE: router)
+ROUTER_NAMES = ("gate", "router")
+
+
+def router_weight(router: nn.Module) -> Tensor | None:
+    """The ``(experts, hidden)`` matrix of a router: its own ``weight``, or the first 2-D
+    parameter inside it (JetMoE's ``router.layer``, HunYuan's ``gate.wg``)."""
+    w = getattr(router, "weight", None)
+    if isinstance(w, Tensor) and w.dim() == 2:
+        return w
+    return next((p for p in router.parameters() if p.dim() == 2), None)
+
+
+def router_of(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(name, router)`` of a mixture-of-experts layer (a module with ``experts`` and a router
+    child), or None."""
+    if not isinstance(getattr(module, "experts", None), nn.Module):
+        return None
+    for name in ROUTER_NAMES:
+        router = getattr(module, name, None)
+        if isinstance(router, nn.Module) and router_weight(router) is not None:
+            return name, router
+    return None
+
+
 def router_names(root: nn.Module) -> set[str]:
-    """Names (relative to ``root``) of MoE routers: the ``gate`` of a module that also has ``experts``."""
+    """Names (relative to ``root``) of MoE routers and every module inside them (they stay dense)."""
     names = set()
     for name, m in root.named_modules():
-        gate, experts = getattr(m, "gate", None), getattr(m, "experts", None)
-        if isinstance(gate, nn.Module) and isinstance(experts, nn.Module):
-            w = getattr(gate, "weight", None)
-            if isinstance(w, Tensor) and w.dim() == 2:
-                names.add(f"{name}.gate" if name else "gate")
+        found = router_of(m)
+        if found is not None:
+            base = f"{name}.{found[0]}" if name else found[0]
+            names.update(f"{base}.{sub}" if sub else base for sub, _ in found[1].named_modules())
     return names
 
 
@@ -116,4 +141,4 @@ def watch_experts(module: nn.Module, arrive: Arrive) -> _Restore:
     return _Restore(module)
 
 
-__all__ = ["ExpertsLayout", "experts_layout", "router_names", "expert_loop", "watch_experts"]
+__all__ = ["ExpertsLayout", "experts_layout", "router_names", "router_of", "router_weight", "expert_loop", "watch_experts"]

@@ -21,7 +21,7 @@ from ..reconstruct.base import inverse_factor
 from ..reconstruct.mask_only import choose_masks
 from ..scoring import SCORES, LayerStats, Score
 from ..resolve import check_weights, sparsegpt_params
-from ..targets import Target, select_layers
+from ..targets import Target, left_dense, select_layers
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class Plan:
     config: PruneConfig
     score: Score
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) loss gradients, for taylor
+    dense: dict[str, list[int]] = field(default_factory=dict)  # parameters no supported layer holds: left dense
 
     @property
     def all_layers(self) -> dict[str, Target]:
@@ -60,6 +61,8 @@ class OneShotOutcome:
 
     amounts: dict[str, float]
     unreached: dict[str, str] = field(default_factory=dict)
+    left_dense: dict[str, list[int]] = field(default_factory=dict)
+    dead_inputs: dict[str, str] = field(default_factory=dict)  # layers whose inputs were all zero
 
 
 def make_plan(model: nn.Module, config: PruneConfig) -> Plan:
@@ -76,7 +79,12 @@ def make_plan(model: nn.Module, config: PruneConfig) -> Plan:
         for block in layers:
             for name, target in block.items():
                 check_nm_shape(target.shape[1], config.pattern.m, name)
-    return Plan(blocks_name, blocks, layers, config, SCORES.get(config.score))
+    dense = {n: shape for i, b in enumerate(blocks)
+             for n, shape in left_dense(b, f"{blocks_name}.{i}", config.target.ignore).items()}
+    if dense:
+        log.warning("%d parameters inside %s belong to no supported layer and stay dense (%s%s)", len(dense),
+                    blocks_name, ", ".join(list(dense)[:3]), ", ..." if len(dense) > 3 else "")
+    return Plan(blocks_name, blocks, layers, config, SCORES.get(config.score), dense=dense)
 
 
 def _calibration(data: Any, config: PruneConfig, why: str) -> CalibrationData:
@@ -181,7 +189,7 @@ def prune_oneshot(model: nn.Module, config: PruneConfig, data: Any = None, *, pr
         plan.grads = target_gradients(model, plan.all_layers, _calibration(data, config, f"score {config.score!r}"))
     amounts = allocate(model, plan, data, progress, device)
     targets = plan.all_layers
-    outcome = OneShotOutcome(amounts)
+    outcome = OneShotOutcome(amounts, left_dense=plan.dense)
     needs_hessian = "hessian" in plan.score.needs or config.reconstruction == "sparsegpt"
     if not (plan.score.needs or config.reconstruction != "none"):
         _prune_data_free(plan, targets, list(targets), amounts, plan.score)
@@ -189,12 +197,23 @@ def prune_oneshot(model: nn.Module, config: PruneConfig, data: Any = None, *, pr
     calib = _calibration(data, config, f"score {config.score!r} / reconstruction {config.reconstruction!r}")
 
     def visit(names: list[str], inputs: InputStats) -> None:
+        if inputs.tokens and not bool((inputs.input_norm > 0).any()):
+            # every calibration input is zero (a dead branch): scores are all ties and SparseGPT
+            # would zero the whole layer; treat it as unreached and say so
+            outcome.dead_inputs.update({n: config.unreached for n in names})
+            if config.unreached == "magnitude":
+                _prune_data_free(plan, targets, names, amounts, SCORES.get("magnitude"))
+            return
         stats = LayerStats(input_norm=inputs.input_norm, generator=plan.generator(names[0]))
         prune_group(plan, targets, names, amounts, stats, inputs)
 
     run = run_sequential(model, calib, (plan.blocks_name, plan.blocks), plan.layers, visit, gram=needs_hessian,
                          modifies=True, options=_options(config, progress, device,
                                                          f"pruning ({config.method or config.score})"))
+    if outcome.dead_inputs:
+        log.warning("%d layers saw only zero calibration inputs (%s); %s", len(outcome.dead_inputs),
+                    ", ".join(list(outcome.dead_inputs)[:4]),
+                    "pruned by magnitude" if config.unreached == "magnitude" else "left dense")
     if run.unreached:
         log.warning("%d layers were reached by no calibration token (%s%s); %s", len(run.unreached),
                     ", ".join(run.unreached[:4]), ", ..." if len(run.unreached) > 4 else "",

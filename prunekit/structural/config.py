@@ -23,7 +23,8 @@ class StructureConfig:
 
     ``structure``: channels (conv channels; hidden width on transformers), neurons (MLP
     hidden units), heads (attention heads: key/value groups, or with ``heads="query"`` the
-    same number of query heads from every group), width, layers (whole blocks), experts
+    same number of query heads from every group; ``auto``, the default: kv where every
+    layer has several key/value heads, else query, as multi-query attention needs), width, layers (whole blocks), experts
     (MoE experts, router resized). ``ratio``: fraction of units removed, in [0, 1).
     ``method``: the group score (see :data:`prunekit.structural.scores.GROUP_SCORES`); None
     picks one by the structure and the model (:func:`default_method`): block influence for
@@ -42,7 +43,7 @@ class StructureConfig:
     allocation: str = "uniform"
     overrides: tuple[tuple[str, float], ...] = ()
     ignore: tuple[str, ...] = ()
-    heads: str = "kv"
+    heads: str = "auto"
     round_to: int = 1
     bias_compensation: bool | None = None
     nsamples: int = 32
@@ -62,8 +63,9 @@ class StructureConfig:
             raise ConfigError(f"ratio {self.ratio} is outside [0, 1); it is the fraction of units removed, e.g. 0.25")
         if self.allocation not in ("uniform", "global"):
             raise ConfigError(f"unknown structural allocation {self.allocation!r}; use 'uniform' or 'global'")
-        if self.heads not in ("kv", "query"):
-            raise ConfigError(f"heads={self.heads!r}: use 'kv' (whole key/value groups) or 'query' (query heads)")
+        if self.heads not in ("auto", "kv", "query"):
+            raise ConfigError(f"heads={self.heads!r}: use 'kv' (whole key/value groups), 'query' (query heads) "
+                              "or 'auto' (kv where a layer has several key/value heads, else query)")
         if self.round_to < 1:
             raise ConfigError(f"round_to={self.round_to} must be >= 1")
         for pattern, ratio in self.overrides:

@@ -19,6 +19,7 @@ from ..calibration import CalibrationData, Observer, RunOptions, run_sequential
 from ..errors import ConfigError, StructureError
 from ..models.adapters import GENERIC
 from ..models.decoder import block_list
+from ..models.moe import router_of, router_weight
 from ..registry import Registry
 from ..scoring.random import uniform_scores
 
@@ -30,24 +31,24 @@ EXPERT_ATTRS = GENERIC.sizes["experts"]
 class MoELayer:
     name: str
     module: nn.Module
+    router_name: str = "gate"
 
     @property
     def router(self) -> nn.Module:
-        return self.module.gate
+        return getattr(self.module, self.router_name)
+
+    @property
+    def router_weight(self) -> Tensor:
+        return router_weight(self.router)  # (experts, hidden)
 
     @property
     def count(self) -> int:
-        return self.router.weight.shape[0]
+        return self.router_weight.shape[0]
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
-    layers = []
-    for name, m in model.named_modules():
-        gate, experts = getattr(m, "gate", None), getattr(m, "experts", None)
-        w = getattr(gate, "weight", None)
-        if isinstance(experts, nn.Module) and isinstance(w, Tensor) and w.ndim == 2:
-            layers.append(MoELayer(name, m))
-    return layers
+    """Every module with ``experts`` and a router (``gate`` or ``router``)."""
+    return [MoELayer(name, m, found[0]) for name, m in model.named_modules() if (found := router_of(m)) is not None]
 
 
 #: score(model, MoE layers, calibration data or None, generator, runner options) -> per layer (experts,)
@@ -67,7 +68,7 @@ def frequency(model: nn.Module, layers: list[MoELayer], data: CalibrationData | 
     watched while the sequential runner computes each block."""
     if not data:
         raise ConfigError("expert frequency needs calibration data (--calib TEXT or data=...)")
-    mass = [torch.zeros(layer.count, dtype=torch.float64, device=layer.router.weight.device) for layer in layers]
+    mass = [torch.zeros(layer.count, dtype=torch.float64, device=layer.router_weight.device) for layer in layers]
     index = {id(layer.router): i for i, layer in enumerate(layers)}
 
     def record(module: nn.Module, args: tuple, out: Any) -> None:
@@ -94,7 +95,7 @@ def _block_count(model: nn.Module) -> int:
 def router_norm(model: nn.Module, layers: list[MoELayer], data: CalibrationData | None, gen: torch.Generator,
                 options: RunOptions) -> list[Tensor]:
     """L2 norm of each expert's router row (data-free)."""
-    return [layer.router.weight.detach().float().norm(dim=1) for layer in layers]
+    return [layer.router_weight.detach().float().norm(dim=1) for layer in layers]
 
 
 @EXPERT_SCORES.register("random")
@@ -102,6 +103,16 @@ def random_experts(model: nn.Module, layers: list[MoELayer], data: CalibrationDa
                    options: RunOptions) -> list[Tensor]:
     """Random expert scores: the control."""
     return [uniform_scores(layer.count, gen) for layer in layers]
+
+
+def _per_expert(layer: MoELayer, n: int) -> list[tuple[str, Tensor]]:
+    """Tensors with one entry per expert beside the experts themselves: every router parameter
+    and buffer, and the layer's own vectors with ``n`` entries (AFMoE's ``expert_bias``,
+    DeepSeek-style ``e_score_correction_bias``)."""
+    prefix = layer.router_name + "."
+    tensors = [(prefix + k, t) for k, t in (*layer.router.named_parameters(), *layer.router.named_buffers())]
+    own = (*layer.module.named_parameters(recurse=False), *layer.module.named_buffers(recurse=False))
+    return tensors + [(k, t) for k, t in own if t.dim() == 1 and t.shape[0] == n]
 
 
 def remove_experts(model: nn.Module, layer: MoELayer, drop: list[int]) -> None:
@@ -120,9 +131,16 @@ def remove_experts(model: nn.Module, layer: MoELayer, drop: list[int]) -> None:
                 if p.shape[0] != n:
                     raise StructureError(f"{layer.name}.experts has a parameter whose first dim is not {n} experts")
                 p.data = p.data.index_select(0, keep.to(p.device)).contiguous()
-        for p in layer.router.parameters(recurse=False):
-            p.data = p.data.index_select(0, keep.to(p.device)).contiguous()
-    for m in (layer.module, layer.router, experts):
+        for name, p in _per_expert(layer, n):
+            dims = [d for d in range(p.dim()) if p.shape[d] == n]
+            if not dims:
+                raise StructureError(f"{layer.name}.{name} {tuple(p.shape)} has no dim of {n} experts; "
+                                     "prunekit cannot resize this router")
+            p.data = p.data.index_select(dims[0], keep.to(p.device)).contiguous()
+    for m in layer.router.modules():
+        if isinstance(m, nn.Linear):
+            m.out_features = m.weight.shape[0]
+    for m in (layer.module, *layer.router.modules(), experts):
         for attr in EXPERT_ATTRS:
             if isinstance(getattr(m, attr, None), int):
                 setattr(m, attr, keep.numel())

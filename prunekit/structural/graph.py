@@ -9,6 +9,7 @@ A group's units are interchangeable candidates for the same allocation.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -20,10 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import UntraceableOp
 from .rules import RULES
 from .trace import Trace, trace_model
 
 Kind = Literal["channels", "neurons", "heads", "width"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Graph:
     macs: int
     seconds: float
     trace: Trace
+    black_boxes: list[dict[str, str]] = field(default_factory=list)
 
     def of_kind(self, *kinds: str) -> list[Group]:
         return [g for g in self.groups if g.kind in kinds]
@@ -82,16 +86,53 @@ class Graph:
         return dict(counts)
 
 
-def build_graph(model: nn.Module, inputs: Any, *, ignore: tuple[str, ...] = ()) -> Graph:
+def build_graph(model: nn.Module, inputs: Any, *, ignore: tuple[str, ...] = (), auto_box: bool = True) -> Graph:
     """Trace ``model`` on ``inputs`` once and return its groups of coupled units.
 
     ``ignore``: regexes of module names to treat as black boxes; every unit touching one of
     their parameters or inputs stays (e.g. an LSTM, or a classifier head you want whole).
+    ``auto_box``: when an op inside a module cannot be traced (no rule, or a rule that refuses
+    it), that module, in every block, becomes a black box and tracing starts again; the
+    graph lists each in ``black_boxes`` (pattern, op, reason), so what stays whole is named.
+    Without it, the error names the op and the ``ignore`` pattern that would box it.
     """
     start = time.perf_counter()
-    trace = trace_model(model, inputs, RULES, opaque=ignore)
-    groups = groups_from_trace(trace, model, ignore)
-    return Graph(groups, trace.macs, time.perf_counter() - start, trace)
+    opaque, boxes = list(ignore), []
+    while True:
+        try:
+            trace = trace_model(model, inputs, RULES, opaque=tuple(opaque))
+            break
+        except UntraceableOp as exc:
+            pattern = every_block(exc.module) if exc.module else None
+            if not auto_box or pattern is None or pattern in opaque or len(boxes) >= MAX_BOXES:
+                raise UntraceableOp(f"{exc}; {box_hint(exc.module)}", exc.op, exc.module) from exc
+            opaque.append(pattern)
+            boxes.append({"modules": pattern, "op": exc.op, "reason": str(exc)})
+            log.warning("structure: %s cannot be traced (op %r); treating it as a black box (left whole)",
+                        pattern, exc.op)
+    groups = groups_from_trace(trace, model, tuple(opaque))
+    return Graph(groups, trace.macs, time.perf_counter() - start, trace, boxes)
+
+
+#: how many distinct modules may become black boxes before the trace gives up
+MAX_BOXES = 16
+
+
+def every_block(module: str) -> str:
+    """A regex matching ``module`` in every block (and every expert): numeric path parts become
+    ``\\d+`` (``model.layers.0.mlp`` -> ``^model\\.layers\\.\\d+\\.mlp$``)."""
+    parts = [r"\d+" if p.isdigit() else re.escape(p) for p in module.split(".")]
+    return "^" + r"\.".join(parts) + "$"
+
+
+def box_hint(module: str) -> str:
+    """The fix, in both interfaces' syntax, covering the module in every block."""
+    if not module:
+        return ("the op runs at the model's top level: move it into a submodule and leave that whole with "
+                "ignore=[...], or register a rule in prunekit.structural.rules.RULES")
+    pattern = every_block(module)
+    return (f"to prune the rest, leave that module whole in every block: ignore=[r'{pattern}'] "
+            f"(CLI: --ignore '{pattern}'), or register a rule in prunekit.structural.rules.RULES")
 
 
 def _ids_of(trace: Trace, role: str) -> np.ndarray:

@@ -12,12 +12,14 @@ from torch import Tensor, nn
 from ..calibration import CalibrationData, RunOptions, as_calibration
 from ..calibration.data import LossFn
 from ..calibration.gradients import loss_gradients
-from ..errors import ConfigError, StructureError
+from ..errors import ConfigError, NoSuchStructure, StructureError
 from ..recipe import one_stage
 from ..result import Result, StructureResult  # noqa: F401 (StructureResult: the old name)
 from .config import StructureConfig
-from .graph import Graph, Group, Member, build_graph
+from .graph import Graph, Group, Member, build_graph, every_block
+from ..evaluate.macs import count_macs
 from .remove import remove_units
+from .undo import Undo
 from .scores import ScoreContext, check_applies, input_dim
 from ..allocation.units import count_to_remove, global_threshold, lowest, smallest_ratio
 from ..rounding import count
@@ -56,47 +58,97 @@ def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = No
         raise ConfigError("structural pruning traces one forward pass: pass example_inputs=... or calibration data")
     options = RunOptions(device=device, progress=progress, desc=f"statistics ({config.method})")
     params_before = count_params(model)
-    graph = build_graph(model, example, ignore=config.ignore)
-    macs_before = graph.macs
+    units = config.structure not in ("layers", "experts")
+    # Removing whole blocks or experts needs no graph: trace only for units (and for MACs,
+    # counted when the tracer can, None when it cannot).
+    graph = build_graph(model, example, ignore=config.ignore) if units else None
+    macs_before = graph.macs if graph is not None else count_macs(model, example)
     config_changes: dict[str, Any] = {}
-    attrs: dict[str, dict[str, Any]] = {}
-    if config.structure == "layers":
-        summary, config_changes = _prune_layers(model, config, calib, options, plan)
-    elif config.structure == "experts":
-        summary, config_changes = _prune_experts(model, config, calib, options, plan)
-    else:
-        summary, attrs = _prune_units(model, graph, config, calib, options, plan)
+    undo = Undo(model)  # from here on, any failure puts the caller's model back
     try:
-        after = build_graph(model, example, ignore=config.ignore)
-    except Exception as exc:  # noqa: BLE001 - any failure here means the model no longer runs
-        raise StructureError(
-            f"the pruned model no longer runs ({type(exc).__name__}: {exc}); a module probably hard-codes a "
-            "size in its forward (e.g. view(B, T, 12, 64)); use -1 there or exclude it with ignore=[...]"
-        ) from exc
+        if config.structure == "layers":
+            summary, config_changes = _prune_layers(model, config, calib, options, plan)
+        elif config.structure == "experts":
+            summary, config_changes = _prune_experts(model, config, calib, options, plan)
+        else:
+            summary, _ = _prune_units(model, graph, config, calib, options, plan)
+        macs_after = _still_runs(model, example, config, units)
+    except BaseException:
+        undo.restore()
+        raise
     seconds = time.perf_counter() - start
     report = {
         "structure": config.structure, "ratio": config.ratio, "method": config.method,
         "allocation": config.allocation, "params_before": params_before, "params_after": count_params(model),
-        "macs_before": macs_before, "macs_after": after.macs, "seconds": seconds,
-        "graph_seconds": graph.seconds, "groups": summary,
+        "macs_before": macs_before, "macs_after": macs_after, "seconds": seconds,
+        "graph_seconds": graph.seconds if graph is not None else 0.0, "groups": summary,
         "exact": not any(g.get("inexact") for g in summary), **achieved(config.ratio, summary),
     }
     report["config_changes"] = config_changes
+    if graph is not None and graph.black_boxes:  # modules the tracer could not follow, left whole
+        report["black_boxes"] = graph.black_boxes
     log.info("removed %s: %d -> %d params in %.1f s", config.structure, params_before, report["params_after"], seconds)
     history = [{"kind": "structure", "config": config.to_dict()["structural"], "seconds": seconds}]
     return Result(model, one_stage(config), report, history, tokenizer)
+
+
+def _call(model: nn.Module, example: Any) -> Any:
+    if isinstance(example, dict):
+        return model(**example)
+    return model(*example) if isinstance(example, tuple) else model(example)
+
+
+def _still_runs(model: nn.Module, example: Any, config: StructureConfig, units: bool) -> int | None:
+    """The pruned model's MACs, after checking it still runs (a failure raises, naming the
+    module it failed in; the caller restores the model)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    stack: list[str] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        stack.append(names.get(id(module), type(module).__name__))
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+             torch.nn.modules.module.register_module_forward_hook(leave)]
+    try:
+        with torch.no_grad():
+            _call(model, example)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the model no longer runs
+        where = next((n for n in reversed(stack) if n), "<model>")
+        owner = model.get_submodule(where) if where != "<model>" else model
+        raise StructureError(
+            f"removing {config.structure} leaves a model that no longer runs: {type(owner).__name__} "
+            f"{where!r} fails ({type(exc).__name__}: {exc}); it probably takes a size from its config or "
+            f"hard-codes one in its forward, so {config.structure} cannot be removed from this family "
+            f"as it is written. The model was restored as it was before pruning; prune another structure"
+            + (f", or leave that module whole with ignore=[r'{every_block(where)}']" if where != "<model>" else "")
+        ) from exc
+    finally:
+        for h in hooks:
+            h.remove()
+    return build_graph(model, example, ignore=config.ignore).macs if units else count_macs(model, example)
 
 
 def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: CalibrationData | None,
                  options: RunOptions, plan: bool = False) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     groups = [g for g in graph.of_kind(*cfg.kinds) if not cfg.ignored(g.name)
               and not any(cfg.ignored(p) for p in g.params)]
+    if not groups and cfg.structure == "heads" and not graph.trace.roles["heads"] and not graph.black_boxes:
+        raise NoSuchStructure(f"{type(model).__name__} has no attention heads (no attention op was traced)")
     if not groups:
+        boxes = "; ".join(f"{b['modules']} (op {b['op']!r})" for b in graph.black_boxes)
         raise StructureError(
             f"{type(model).__name__} has no prunable {cfg.structure} (groups found: {graph.summary() or 'none'}); "
             "units that reach the model's output or input cannot be removed"
+            + (f"; these modules could not be traced and were left whole: {boxes}" if boxes else "")
         )
-    query = cfg.structure == "heads" and cfg.heads == "query"
+    mode = cfg.heads
+    if cfg.structure == "heads" and mode == "auto":  # whole key/value groups where a layer has several
+        mode = "query" if any(len(g) == 1 for g in groups) and all(g.sub_units for g in groups) else "kv"
+    query = cfg.structure == "heads" and mode == "query"
     if query:
         for g in groups:
             if not g.sub_units:
@@ -105,7 +157,7 @@ def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: Cal
         for g in groups:
             if g.kind == "heads" and len(g) == 1:
                 raise ConfigError(f"{g.name} has one key/value head, which cannot be removed: use --heads query "
-                                  "(heads='query') to prune its query heads")
+                                  "(heads='query'), or --heads auto, to prune its query heads")
     sizes = [len(g.sub_units[0]) if query else len(g) for g in groups]
     counts = [count_to_remove(n, cfg.ratio_for(g.name), 1 if query else cfg.round_to, g.name)
               for g, n in zip(groups, sizes)] if query or cfg.allocation == "uniform" else None
@@ -127,18 +179,19 @@ def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: Cal
             ctx.moments = input_moments(model, data, wanted, options=options)
         scores = [_finite(s, g.name) for s, g in zip(_score_all(score, pools, ctx, data), groups)]
     if query:
-        chosen = _query_heads(groups, scores, counts)
+        picks = _query_heads(groups, scores, counts)
     else:
         names = [g.name for g in groups]
         picks = [lowest(s, k) for s, k in zip(scores, counts)] if counts is not None \
             else global_threshold(scores, cfg.ratio, names)
-        chosen = [[g.units[i] for i in idx] for g, idx in zip(groups, picks)]
+    chosen = [[pool[i] for i in idx] for pool, idx in zip(pools, picks)]
     units = [u for c in chosen for u in c]
     if compensate:
         compensate_bias(model, units, ctx, sizes_only=plan)
     attrs = remove_units(model, units)
-    summary = [{"name": g.name, "kind": g.kind, "units_before": len(g), "removed": len(c), "inexact": g.inexact}
-               for g, c in zip(groups, chosen)]
+    key = "removed_query_heads" if query else "removed_indices"
+    summary = [{"name": g.name, "kind": g.kind, "units_before": len(g), "removed": len(c), "inexact": g.inexact,
+                key: sorted(int(i) for i in idx)} for g, c, idx in zip(groups, chosen, picks)]
     return summary, attrs
 
 
@@ -189,14 +242,15 @@ def _finite(scores: Tensor, name: str) -> Tensor:
     return scores
 
 
-def _query_heads(groups: list[Group], scores: list[Tensor], counts: list[int]) -> list[list[tuple]]:
-    """The same number (``counts``, per layer) of query heads from every key/value group (keeps GQA valid)."""
-    chosen = []
+def _query_heads(groups: list[Group], scores: list[Tensor], counts: list[int]) -> list[list[int]]:
+    """The same number (``counts``, per layer) of query heads from every key/value group (keeps
+    GQA valid), as indices into the group's query heads in order (unit by unit)."""
+    picks = []
     for g, s, k in zip(groups, scores, counts):
         rep = len(g.sub_units[0])
         sc = s.view(len(g), rep)
-        chosen.append([g.sub_units[u][i] for u in range(len(g)) for i in lowest(sc[u], k)])
-    return chosen
+        picks.append([u * rep + i for u in range(len(g)) for i in lowest(sc[u], k)])
+    return picks
 
 
 def compensate_bias(model: nn.Module, units: list[tuple[Member, ...]], ctx: ScoreContext,
@@ -223,7 +277,7 @@ def compensate_bias(model: nn.Module, units: list[tuple[Member, ...]], ctx: Scor
                 if layer.bias is None:
                     layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
                                                           device=layer.weight.device))
-                layer.bias += shift.to(layer.bias.dtype)
+                layer.bias.data = layer.bias.data + shift.to(layer.bias.dtype)  # a new tensor: undoable
 
 
 def _prune_layers(model: nn.Module, cfg: StructureConfig, data: CalibrationData | None,
@@ -248,7 +302,7 @@ def _prune_experts(model: nn.Module, cfg: StructureConfig, data: CalibrationData
 
     layers = [layer for layer in find_moe_layers(model) if not cfg.ignored(layer.name)]
     if not layers:
-        raise StructureError(f"{type(model).__name__} has no mixture-of-experts layers (a module with gate + experts)")
+        raise NoSuchStructure(f"{type(model).__name__} has no mixture-of-experts layers (a module with gate + experts)")
     sizes = [layer.count for layer in layers]
     require_removal(cfg, sizes, sum(count_to_remove(n, cfg.ratio_for(la.name), 1, la.name)
                                     for n, la in zip(sizes, layers)), "experts per layer")

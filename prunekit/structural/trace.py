@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..errors import StructureError
+from ..errors import StructureError, UntraceableOp
 from .facets import UnionFind, compress, fresh_like
+from .rules.base import bind
 
 
 @dataclass
@@ -62,6 +63,10 @@ class Tracer(TorchFunctionMode):
         self.names: dict[int, str] = {}
         for name, t in model.named_parameters(remove_duplicate=True):
             self.names.setdefault(id(t), name)
+        # a convolution kernel's spatial dims are never units (labelling them would couple every
+        # input channel once a standardised weight is flattened to (1, out, in*k*k))
+        self.spatial = {id(m.weight) for m in model.modules()
+                        if isinstance(m, nn.modules.conv._ConvNd) and isinstance(m.weight, Tensor)}
         # Buffers carry units only where a rule asks (BatchNorm running statistics); the
         # rest (rotary frequencies, position ids, masks) are constants, not units.
         self.buffers = {id(t): name for name, t in model.named_buffers(remove_duplicate=True)}
@@ -84,7 +89,7 @@ class Tracer(TorchFunctionMode):
         uf, ids = self.trace.uf, []
         facets = []
         for d in range(t.ndim):
-            if t.shape[d] > 1:
+            if t.shape[d] > 1 and not (d >= 2 and id(t) in self.spatial):
                 f = fresh_like(tuple(t.shape), d, uf.new(t.shape[d]))
                 ids.append(f.reshape(-1))
                 facets.append(f)
@@ -109,31 +114,56 @@ class Tracer(TorchFunctionMode):
     def where(self) -> str:
         return (self.module_stack[-1] if self.module_stack else "") or "<model>"
 
+    def module(self) -> str:
+        """The innermost module running now ('' at the model's top level)."""
+        where = self.where()
+        return "" if where == "<model>" else where
+
     # --- the mode --------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.opaque_depth:
-            return out
         name = op_name(func)
+        if self.opaque_depth:
+            self.trace.macs += opaque_macs(name, args, kwargs, out)
+            return out
         rule = self.rules.get(name)
+        args, kwargs = bind(name, args, kwargs)
         if any(id(t) in self.data for t in tensors_in(args, kwargs)):
             for o in [out] if isinstance(out, Tensor) else (out if isinstance(out, (list, tuple)) else []):
                 if isinstance(o, Tensor):
                     self.data.add(id(o))
                     self.alive.append(o)
         if rule is not None:
-            rule(self, name, args, kwargs, out)
+            try:
+                rule(self, name, args, kwargs, out)
+            except UntraceableOp:
+                raise
+            except StructureError as exc:
+                raise UntraceableOp(str(exc), name, self.module()) from exc
+            except Exception as exc:  # noqa: BLE001 - a call form the rule does not know: say so, never crash
+                raise UntraceableOp(f"the coupling rule for op {name!r} (in module {self.where()!r}) cannot "
+                                    f"follow this call ({type(exc).__name__}: {exc})", name, self.module()) from exc
         elif any(self.of(t) for t in tensors_in(args, kwargs)) and has_tensor(out):
-            where = self.where()
-            fix = (f"treat the module as a black box with ignore=['^{where}$'] (CLI: --ignore)"
-                   if where != "<model>" else "move it into a submodule and treat that as a black box with ignore=")
-            raise StructureError(
-                f"cannot trace op {name!r} (in module {where!r}) on tensors that carry prunable channels; "
-                f"prunekit has no coupling rule for it. To prune the rest, {fix}, or register a rule in "
-                "prunekit.structural.rules.RULES"
-            )
+            raise UntraceableOp(f"cannot trace op {name!r} (in module {self.where()!r}) on tensors that carry "
+                                "prunable channels; prunekit has no coupling rule for it", name, self.module())
         return out
+
+
+def opaque_macs(name: str, args: tuple, kwargs: dict, out: Any) -> int:
+    """MACs of a product inside a black box (no units traced there, but the work is counted)."""
+    if not isinstance(out, Tensor) or len(args) < 2:
+        return 0
+    a, b = args[0], args[1] if "weight" not in kwargs else kwargs["weight"]
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+        return 0
+    if name == "linear":
+        return out.numel() * b.shape[-1]
+    if name in ("conv1d", "conv2d", "conv3d"):
+        return out.numel() * b[0].numel()
+    if name in ("matmul", "bmm", "mm", "__matmul__") and a.ndim >= 1:
+        return out.numel() * a.shape[-1]
+    return 0
 
 
 def op_name(func: Any) -> str:

@@ -32,6 +32,55 @@ def rule(*names: str) -> Callable[[Rule], Rule]:
     return add
 
 
+_NONE = object()
+#: Positional signatures of the ops whose rules read arguments by position: Hugging Face and
+#: timm call them with keywords (``F.linear(x, weight=w)``, ``torch.baddbmm(b, batch1=..)``).
+SIGNATURES: dict[str, tuple[tuple[str, Any], ...]] = {}
+
+
+def _signature(names: str, *ops: str) -> None:
+    literal = {"None": None, "False": False, "0": 0, "1": 1}
+    params = tuple((p.partition("=")[0], literal[p.partition("=")[2]] if "=" in p else _NONE) for p in names.split())
+    for op in ops:
+        SIGNATURES[op] = params
+
+
+_signature("input weight bias=None", "linear")
+_signature("input weight bias=None stride=1 padding=0 dilation=1 groups=1", "conv1d", "conv2d", "conv3d")
+_signature("input weight bias=None stride=1 padding=0 output_padding=0 groups=1 dilation=1",
+           "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+_signature("input mat1 mat2", "addmm")
+_signature("input batch1 batch2", "baddbmm", "addbmm")
+_signature("input other", "matmul", "bmm", "mm")
+_signature("input weight", "embedding")
+_signature("input running_mean running_var weight=None bias=None training=False", "batch_norm")
+_signature("input num_groups weight=None bias=None", "group_norm")
+_signature("input normalized_shape weight=None bias=None", "layer_norm")
+_signature("input normalized_shape weight=None", "rms_norm")
+_signature("query key value", "scaled_dot_product_attention")
+_signature("input dim index", "gather")
+
+
+def bind(name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args`` with every argument of ``name``'s signature that came by keyword moved to its
+    position (defaults filling the gaps), so a rule reading ``args[1]`` sees the weight."""
+    params = SIGNATURES.get(name)
+    if params is None or not any(p in kwargs for p, _ in params):
+        return args, kwargs
+    kwargs = dict(kwargs)
+    bound = list(args)
+    last = max(i for i, (p, _) in enumerate(params) if p in kwargs or i < len(args))
+    for i in range(len(bound), last + 1):
+        p, default = params[i]
+        if p in kwargs:
+            bound.append(kwargs.pop(p))
+        elif default is not _NONE:
+            bound.append(default)
+        else:
+            raise TypeError(f"{name}() is missing its argument {p!r}")
+    return tuple(bound), kwargs
+
+
 def pad_to(f: Tensor, ndim: int) -> Tensor:
     """``f`` with leading size-1 dims up to ``ndim`` dims (broadcast alignment)."""
     while f.ndim < ndim:

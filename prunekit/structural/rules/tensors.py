@@ -19,7 +19,9 @@ IDENTITY = (
     "rsqrt erf square reciprocal sign dropout dropout1d dropout2d alpha_dropout hardtanh "
     "hardswish hardsigmoid leaky_relu elu selu celu softplus mish sin cos exp2 log1p "
     "isnan isinf isfinite logical_not __invert__ bool long int round floor ceil gelu_ "
-    "silu_ sigmoid_ tanh_ nan_to_num pow_ sqrt_ exp_ __abs__"
+    "silu_ sigmoid_ tanh_ nan_to_num pow_ sqrt_ exp_ __abs__ expm1 expm1_ logsigmoid softsign "
+    "tanhshrink softshrink hardshrink relu_ elu_ leaky_relu_ threshold erfinv trunc frac sgn positive "
+    "conj resolve_conj resolve_neg sinh cosh asinh atan log2 log10 rrelu"
 ).split()
 
 
@@ -35,7 +37,8 @@ ELEMENTWISE = (
     "__add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__ __rmul__ __imul__ "
     "__truediv__ __rtruediv__ __itruediv__ __div__ __pow__ __rpow__ __and__ __or__ "
     "__eq__ __ne__ __lt__ __le__ __gt__ __ge__ __floordiv__ __mod__ add_ sub_ mul_ div_ "
-    "masked_fill_ clamp_ copysign hypot atan2 xlogy rsub"
+    "masked_fill_ clamp_ copysign hypot atan2 xlogy rsub multiply divide subtract "
+    "clamp_min clamp_max clamp_min_ clamp_max_ float_power fmax fmin logaddexp heaviside"
 ).split()
 
 
@@ -49,6 +52,69 @@ def elementwise(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None
         tr.set(out, merge(tr, parts, out.ndim))
 
 
+#: ops whose output has the input's shape but none of its values: constants, no units
+CONSTANT = ("new_empty new_zeros new_ones new_full new_tensor zeros_like ones_like empty_like full_like "
+            "rand_like randn_like randint_like").split()
+
+
+@rule(*CONSTANT)
+def constant(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+    """The output depends on no value of the input: it carries no units."""
+
+
+@rule("view_as_complex")
+def view_as_complex(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+    """``(..., D, 2)`` real -> ``(..., D)`` complex (complex rotary embeddings): the pair axis
+    must carry no units; the others move as they are."""
+    x = args[0]
+    kept = []
+    for f in tr.of(x):
+        f = pad_to(f, x.ndim)
+        if x.ndim - 1 in varying(f):
+            tr.trace.mark("frozen", f)
+        else:
+            kept.append(f[..., 0])
+    tr.set(out, kept)
+
+
+@rule("view_as_real")
+def view_as_real(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+    """``(..., D)`` complex -> ``(..., D, 2)`` real."""
+    tr.set(out, [pad_to(f, args[0].ndim).unsqueeze(-1) for f in tr.of(args[0])])
+
+
+@rule("normalize")
+def normalize(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+    """``F.normalize(x, p, dim)``: a norm over ``dim`` divides every entry, so removing units
+    along ``dim`` changes the rest (inexact); facets pass through."""
+    x = args[0]
+    dim = int(arg(args, kwargs, 2, "dim", 1)) % x.ndim
+    for f in tr.of(x):
+        f = pad_to(f, x.ndim)
+        if dim in varying(f):
+            stat(tr, f, (dim,))
+    tr.set(out, list(tr.of(x)))
+
+
+@rule("lstm", "gru", "rnn_tanh", "rnn_relu")
+def recurrent(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+    """A fused recurrent kernel: a black box. Units entering it (inputs, weights) are frozen;
+    its outputs carry none."""
+    for t in _flat(list(args) + list(kwargs.values())):
+        for f in tr.of(t):
+            tr.trace.mark("frozen", f)
+
+
+def _flat(items: list[Any]) -> list[Tensor]:
+    out: list[Tensor] = []
+    for a in items:
+        if isinstance(a, Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out += _flat(list(a))
+    return out
+
+
 @rule("copy_")
 def copy(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     tr.set(out, list(tr.of(args[1])))
@@ -59,7 +125,8 @@ INDEX = (
     "view reshape permute transpose t T mT flatten unflatten squeeze unsqueeze expand "
     "expand_as repeat repeat_interleave narrow select __getitem__ split chunk unbind "
     "tensor_split flip roll movedim moveaxis swapaxes swapdims view_as reshape_as "
-    "index_select gather take_along_dim diagonal tril triu unfold masked_select"
+    "index_select gather take_along_dim diagonal tril triu unfold masked_select broadcast_to "
+    "atleast_1d atleast_2d atleast_3d"
 ).split()
 
 
@@ -116,7 +183,7 @@ def setitem(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
 
 
 @rule("index_add_", "index_add", "index_copy_", "index_copy", "scatter_add_", "scatter_add",
-      "index_put_", "index_put")
+      "index_put_", "index_put", "scatter", "scatter_", "scatter_reduce", "scatter_reduce_")
 def scatter(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
     x = args[0]
     src = next((a for a in reversed(args[1:]) if isinstance(a, Tensor) and tr.of(a)), None)

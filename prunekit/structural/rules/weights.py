@@ -110,9 +110,20 @@ def _channel_params(tr: Any, x: Tensor, params: list[Any], dim: int, out: Tensor
 
 @rule("batch_norm", "instance_norm")
 def batch_norm(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+    """Per-channel scale and shift along dim 1. Without running statistics (training mode,
+    instance norm, or a weight standardised with ``batch_norm(w.reshape(1, out, -1))`` as in
+    NFNets' ScaledStdConv) each channel is normalised by a statistic over the other dims: units
+    along those dims (a conv's input channels) change it, so their removal is inexact."""
     x = args[0]
     keys = ("running_mean", "running_var", "weight", "bias")
     params = [arg(args, kwargs, i + 1, k) for i, k in enumerate(keys)]
+    training = bool(arg(args, kwargs, 5, "training", False)) if name == "batch_norm" else True
+    if training or params[0] is None:
+        stats_over = tuple(d for d in range(x.ndim) if d != 1) if name == "batch_norm" else tuple(range(2, x.ndim))
+        for f in tr.of(x):
+            f = pad_to(f, x.ndim)
+            if set(varying(f)) & set(stats_over):
+                stat(tr, f, stats_over)
     _channel_params(tr, x, params, 1, out)
 
 
