@@ -18,7 +18,7 @@ import torch
 
 import prunekit.schedules  # noqa: F401  (imported before jobs fork)
 import prunekit.structural  # noqa: F401
-from prunekit.evaluate.breadth import JOBS, ONESHOT, Job, Outcome, run_isolated, run_job
+from prunekit.evaluate.breadth import JOBS, Job, Outcome, run_isolated, run_job
 from prunekit.models.tiny import causal_lm_types, tiny_causal_lm
 
 FAMILIES = causal_lm_types()
@@ -51,15 +51,14 @@ def check(outcomes: list[Outcome]) -> None:
     for o in outcomes:
         if o.status == "refused":
             assert len(o.detail) > 40, o  # a specific error, not a bare message
-    oneshot = [o for o in outcomes if o.job in {j.name for j in ONESHOT}]
-    assert all(o.status == "ok" for o in oneshot), [(o.job, o.detail[:200]) for o in oneshot if o.status != "ok"]
 
 
 @pytest.mark.parametrize("family", SAMPLE)
 def test_a_sample_of_families(family):
     buildable(family, isolated=False)
-    tiny_causal_lm(family)
-    check([run_job(lambda: tiny_causal_lm(family), IDS, job, family) for job in JOBS])
+    outcomes = [run_job(lambda: tiny_causal_lm(family), IDS, job, family) for job in JOBS]
+    check(outcomes)
+    assert all(o.status == "ok" for o in outcomes if o.job.startswith(("wanda", "sparsegpt"))), outcomes
 
 
 @pytest.mark.breadth

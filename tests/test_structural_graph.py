@@ -12,7 +12,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from conftest import FAMILIES, tiny_model, tiny_moe
-from prunekit.errors import ConfigError, StructureError
+from prunekit.errors import ConfigError, NoSuchStructure, StructureError
 from prunekit.models.zoo import ZOO, example_input
 from prunekit.structural import StructureConfig, build_graph, mask_units, prune_structure, remove_units
 from prunekit.structural.layers import remove_blocks, skip_blocks
@@ -244,7 +244,7 @@ def test_ratio_that_empties_a_group_is_refused():
         prune_structure(model, StructureConfig("heads", 0.9, "l2"), example_inputs=IDS)
     with pytest.raises(StructureError, match="no mixture-of-experts"):
         prune_structure(model, StructureConfig.create("experts", 0.5), data=IDS["input_ids"])
-    with pytest.raises(StructureError, match="no prunable neurons"):
+    with pytest.raises(NoSuchStructure, match="no hidden neurons"):  # one Linear: nothing hidden
         prune_structure(nn.Sequential(nn.Linear(4, 2)), StructureConfig("neurons", 0.5),
                         example_inputs=torch.randn(1, 4))
 

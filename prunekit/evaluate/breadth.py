@@ -45,6 +45,9 @@ class Job:
 ONESHOT = [Job("oneshot", m, a) for m in ("wanda", "sparsegpt") for a in (0.5, "2:4")]
 STRUCTURES = [Job("structure", s, r) for s in ("neurons", "heads", "layers", "experts") for r in (0.25, 0.5)]
 JOBS = ONESHOT + STRUCTURES
+#: vision models: structural jobs (one-shot Wanda/SparseGPT prune Linear layers inside a block
+#: list, not convolutions)
+VISION_JOBS = [Job("structure", s, r) for s in ("channels", "neurons", "heads") for r in (0.25, 0.5)]
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Outcome:
     params_before: int = 0
     params_after: int = 0
     seconds: float = 0.0
+    prune_seconds: float | None = None  # the prune call alone, as its report times it (structural jobs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,9 +123,10 @@ def run_job(build: Callable[[], nn.Module], example: Any, job: Job, label: str =
             prune_oneshot(model, cfg, ids, progress=False)
             problem = _check_oneshot(model, cfg, job)
         else:
-            cfg = StructureConfig(job.what, float(job.amount), "l2" if job.what in ("neurons", "heads") else None)
+            cfg = StructureConfig(job.what, float(job.amount), "l2" if job.what in ("channels", "neurons", "heads") else None)
             result = prune_structure(model, cfg, data=None if job.what not in ("layers", "experts") else example,
                                      example_inputs=_inputs(model, example))
+            out.prune_seconds = round(float(result.report["seconds"]), 3)
             problem = _check_structure(original, model, result.report, example)
             out.exact = bool(result.report.get("exact", True))
         out.params_after = sum(p.numel() for p in model.parameters())
@@ -223,4 +228,4 @@ def run_isolated(build: Callable[[], nn.Module], example: Any, job: Job, label: 
     return Outcome(label, job.name, status, detail, seconds=round(time.perf_counter() - start, 3))
 
 
-__all__ = ["Job", "JOBS", "ONESHOT", "STRUCTURES", "Outcome", "run_job", "run_isolated", "masked_reference"]
+__all__ = ["Job", "JOBS", "ONESHOT", "STRUCTURES", "VISION_JOBS", "Outcome", "run_job", "run_isolated", "masked_reference"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .adapters import GENERIC, AttentionLayout, adapter_for
@@ -78,9 +79,11 @@ def _attention_sizes(m: nn.Module, layout: AttentionLayout) -> dict[str, Any]:
     if q is not None:
         q_size = _out_size(q)
         kv_size = _out_size(k) if k is not None else q_size
-    elif fused is not None:
-        q_size = kv_size = _out_size(fused) // 3
+    elif fused is not None and (size := _out_size(fused)) is not None:
+        q_size = kv_size = size // 3
     else:
+        return {}
+    if q_size is None or kv_size is None:
         return {}
     heads, kv = q_size // head_dim, kv_size // head_dim
     out: dict[str, Any] = {a: heads for a in layout.head_attrs if isinstance(getattr(m, a, None), int)}
@@ -94,6 +97,8 @@ def _attention_sizes(m: nn.Module, layout: AttentionLayout) -> dict[str, Any]:
     return out
 
 
-def _out_size(layer: nn.Module) -> int:
-    w = layer.weight
+def _out_size(layer: nn.Module) -> int | None:
+    w = getattr(layer, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None  # a projection of its own kind (no plain weight): its sizes are not read off
     return w.shape[1] if type(layer).__name__ == "Conv1D" else w.shape[0]

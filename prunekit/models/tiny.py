@@ -35,7 +35,7 @@ SIZES: dict[str, Any] = {
     "n_layer": 4, "n_head": 4, "n_inner": 128, "ffn_dim": 128, "num_layers": 4, "num_heads": 4,
     "d_ff": 128, "d_kv": 16, "embed_dim": 64, "hidden_dim": 128, "ffn_hidden_size": 128,
     "kv_channels": 16, "multi_query_group_num": 2, "num_kv_heads": 2, "n_kv_heads": 2,
-    "projection_dim": 64, "rotary_dim": 8, "partial_rotary_factor": None, "embedding_size": 64,
+    "projection_dim": 64, "rotary_dim": 8, "partial_rotary_factor": None, "embedding_size": 64, "dff": 128,
 }
 #: Fields that must stay consistent with the sizes above in families that have them.
 FAMILY: dict[str, dict[str, Any]] = {

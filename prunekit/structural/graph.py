@@ -29,9 +29,11 @@ Kind = Literal["channels", "neurons", "heads", "width"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Member:
-    """Slices ``index`` along ``dim`` of parameter ``param`` belong to the unit."""
+    """Slices ``index`` along ``dim`` of parameter ``param`` belong to the unit. Not frozen
+    (treat it as read-only): a graph holds one per unit and parameter, and a frozen
+    dataclass costs several times more to create."""
 
     param: str
     dim: int
@@ -156,6 +158,11 @@ def groups_from_trace(trace: Trace, model: nn.Module, ignore: tuple[str, ...] = 
             if ids is None:
                 continue
             comp, sub = roots[ids.numpy()], sub_roots[ids.numpy()]
+            pos = np.nonzero(eligible[comp])[0]
+            if pos.size and np.unique(comp[pos]).size == pos.size and role["heads"].isdisjoint(comp[pos].tolist()):
+                for c, p in zip(comp[pos].tolist(), pos.tolist()):  # one slice per unit: the common case
+                    members[c].append(Member(name, d, (p,)))
+                continue
             for c, where in _split_by(comp, eligible[comp]):
                 members[c].append(Member(name, d, tuple(where.tolist())))
                 if c in role["heads"]:

@@ -19,6 +19,8 @@ from .config import StructureConfig
 from .graph import Graph, Group, Member, build_graph, every_block
 from ..evaluate.macs import count_macs
 from .remove import remove_units
+from .rules import RULES
+from .trace import trace_model
 from .undo import Undo
 from .scores import ScoreContext, check_applies, input_dim
 from ..allocation.units import count_to_remove, global_threshold, lowest, smallest_ratio
@@ -72,7 +74,7 @@ def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = No
             summary, config_changes = _prune_experts(model, config, calib, options, plan)
         else:
             summary, _ = _prune_units(model, graph, config, calib, options, plan)
-        macs_after = _still_runs(model, example, config, units)
+        macs_after = _still_runs(model, example, config, units, graph)
     except BaseException:
         undo.restore()
         raise
@@ -98,7 +100,8 @@ def _call(model: nn.Module, example: Any) -> Any:
     return model(*example) if isinstance(example, tuple) else model(example)
 
 
-def _still_runs(model: nn.Module, example: Any, config: StructureConfig, units: bool) -> int | None:
+def _still_runs(model: nn.Module, example: Any, config: StructureConfig, units: bool,
+                graph: Graph | None = None) -> int | None:
     """The pruned model's MACs, after checking it still runs (a failure raises, naming the
     module it failed in; the caller restores the model)."""
     names = {id(m): n for n, m in model.named_modules()}
@@ -129,7 +132,10 @@ def _still_runs(model: nn.Module, example: Any, config: StructureConfig, units: 
     finally:
         for h in hooks:
             h.remove()
-    return build_graph(model, example, ignore=config.ignore).macs if units else count_macs(model, example)
+    if not units:
+        return count_macs(model, example)
+    boxes = tuple(config.ignore) + tuple(b["modules"] for b in (graph.black_boxes if graph is not None else ()))
+    return trace_model(model, example, RULES, opaque=boxes).macs  # MACs only: no groups needed
 
 
 def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: CalibrationData | None,
@@ -138,6 +144,10 @@ def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: Cal
               and not any(cfg.ignored(p) for p in g.params)]
     if not groups and cfg.structure == "heads" and not graph.trace.roles["heads"] and not graph.black_boxes:
         raise NoSuchStructure(f"{type(model).__name__} has no attention heads (no attention op was traced)")
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    if not groups and cfg.structure == "neurons" and linears <= 1 and not graph.black_boxes:
+        raise NoSuchStructure(f"{type(model).__name__} has no hidden neurons (at most one Linear layer: "
+                              "its classifier); prune channels instead")
     if not groups:
         boxes = "; ".join(f"{b['modules']} (op {b['op']!r})" for b in graph.black_boxes)
         raise StructureError(

@@ -38,7 +38,9 @@ ELEMENTWISE = (
     "__truediv__ __rtruediv__ __itruediv__ __div__ __pow__ __rpow__ __and__ __or__ "
     "__eq__ __ne__ __lt__ __le__ __gt__ __ge__ __floordiv__ __mod__ add_ sub_ mul_ div_ "
     "masked_fill_ clamp_ copysign hypot atan2 xlogy rsub multiply divide subtract "
-    "clamp_min clamp_max clamp_min_ clamp_max_ float_power fmax fmin logaddexp heaviside"
+    "clamp_min clamp_max clamp_min_ clamp_max_ float_power fmax fmin logaddexp heaviside "
+    "__rdiv__ __rfloordiv__ __rmod__ __rand__ __ror__ __xor__ __rxor__ __ifloordiv__ __ipow__ __imod__ "
+    "__iand__ __ior__ bitwise_and bitwise_or bitwise_xor logical_xor"
 ).split()
 
 
