@@ -10,8 +10,6 @@ in the default suite; every family under ``-m breadth`` (CI runs it).
 """
 from __future__ import annotations
 
-import logging
-import warnings
 
 import pytest
 import torch
@@ -27,13 +25,7 @@ ALLOWED = {"ok", "n/a", "refused"}
 IDS = torch.randint(0, 200, (4, 16), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        yield
-        logging.disable(logging.NOTSET)
+pytestmark = pytest.mark.usefixtures("quiet")  # breadth runs hundreds of models: no warnings
 
 
 def buildable(family: str, isolated: bool) -> None:

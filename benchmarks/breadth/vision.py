@@ -50,7 +50,7 @@ def example(name: str) -> torch.Tensor:
     import timm
 
     size = timm.get_pretrained_cfg(name).input_size if timm.get_pretrained_cfg(name) else (3, 224, 224)
-    return torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    return torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
 
 
 def torch_pruning(name: str, ratio: float) -> dict:
@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning even when installed")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="breadth_vision")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming from the JSON")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -121,10 +122,15 @@ def main() -> None:
         have_tp = not args.no_tp
     except ImportError:
         have_tp = False
-    rows: dict = {}
+    out_json = args.out / f"{args.name}.json"
+    # resumable: models already in the JSON (same sample) are kept, the rest run and are written one by one
+    rows: dict = json.loads(out_json.read_text())["results"] if out_json.is_file() and not args.fresh else {}
     start = time.perf_counter()
     names = args.models.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
+        if name in rows:
+            continue
         x = example(name)
         outs = [run_isolated(lambda n=name: build(n), x, job, name, args.timeout).to_dict() for job in VISION_JOBS]
         rows[name] = {"prunekit": outs, "torch_pruning": _tp_isolated(name, 0.25, args.timeout) if have_tp else None}
@@ -132,13 +138,15 @@ def main() -> None:
         tp = rows[name]["torch_pruning"]
         print(f"[{i + 1}/{len(names)}] {name}: {bad}" + (f" | TP {tp['status']} {tp['seconds']}s" if tp else ""),
               flush=True)
-    seconds = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
+        write(args, rows, time.perf_counter() - start)
+    print(markdown(rows, time.perf_counter() - start).splitlines()[-1])
+
+
+def write(args: argparse.Namespace, rows: dict, seconds: float) -> None:
     payload = {"timm": __import__("timm").__version__, "torch": torch.__version__, "seconds": round(seconds, 1),
                "results": rows}
     (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
     (args.out / f"{args.name}.md").write_text(markdown(rows, seconds))
-    print(markdown(rows, seconds).splitlines()[-1])
 
 
 if __name__ == "__main__":
