@@ -23,6 +23,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def default_sigint() -> None:
+    """For a child process: Ctrl-C as a terminal delivers it. A shell starts background jobs
+    (``cmd &``, nohup) with SIGINT ignored, and children inherit that, so a test that sends
+    SIGINT must restore the default first."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def quiet():
     """No warnings or log lines from the models under test (breadth runs hundreds)."""

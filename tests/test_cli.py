@@ -106,7 +106,9 @@ def test_ctrl_c_exits_promptly_with_one_line_and_writes_nothing(tiny_llama_dir, 
     out_dir = tmp_path / "out"
     cmd = [sys.executable, "-m", "prunekit.cli", "prune", str(tiny_llama_dir), "--method", "sparsegpt",
            "--nsamples", "3000", "--seqlen", "64", "--output", str(out_dir)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    from conftest import default_sigint
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = ""
     deadline = time.time() + 120

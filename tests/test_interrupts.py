@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import default_sigint
+
 pytestmark = pytest.mark.slow
 INTERRUPTED = "prunekit: interrupted (no partial output is ever left behind)"
 
@@ -28,6 +30,7 @@ class Run:
 
     def __init__(self, argv: list[str]) -> None:
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=default_sigint,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.err = ""
         self._reader = threading.Thread(target=self._read, daemon=True)
