@@ -126,9 +126,4 @@ def tiny_causal_lm(model_type: str, seed: int = 0) -> nn.Module:
     return AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
 
 
-def vocab_of(model: nn.Module) -> int:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else SIZES["vocab_size"]
-
-
 __all__ = ["causal_lm_types", "tiny_config", "tiny_causal_lm", "SIZES"]
