@@ -1,4 +1,4 @@
-"""Command line: ``prunekit prune | run | eval | list``. With ``--json`` the last stdout line
+"""Command line: ``prunekit prune | run | eval | delta | merge | list``. With ``--json`` the last stdout line
 is one JSON object; logs and progress go to stderr. Errors exit with status 2 and write
 nothing; Ctrl-C exits with 130."""
 from __future__ import annotations
@@ -130,13 +130,66 @@ def _prune_parser(sub: Any) -> None:
     _common(p)
 
 
+DELTA_EPILOG = """BASE, FINETUNED: Hugging Face directories (sharded or not; safetensors or pytorch_model.bin),
+single .safetensors files, or hub ids, of the same architecture. Tensors are read and written one
+at a time (peak memory: a few tensors). Pruned by default: every 2-D weight inside the blocks
+(model.layers.N., transformer.h.N., ...); embeddings, the LM head, norms and biases keep their whole
+delta. --include REGEX replaces that rule, --exclude REGEX removes tensors from it. The output is a
+standard Hugging Face directory (config and tokenizer of FINETUNED) that from_pretrained loads."""
+
+#: kept in step with prunekit.delta.ops (tests check); the parser must not import torch
+DELTA_METHODS = ("dare", "darex", "magnitude", "ties", "drop")
+MERGE_METHODS = ("task_arithmetic", "ties", "dare_ties")
+
+
+def _tensor_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include", metavar="REGEX", help="prune the tensors whose names match (replaces the default)")
+    p.add_argument("--exclude", metavar="REGEX", help="never prune the tensors whose names match")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random drops (default 0)")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to write (atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    _common(p)
+
+
+def _delta_parsers(sub: Any) -> None:
+    d = sub.add_parser("delta", help="prune a fine-tune's difference from its base (DARE, DAREx-q, magnitude, TIES)",
+                       epilog=DELTA_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("base", metavar="BASE")
+    d.add_argument("finetuned", metavar="FINETUNED", help="the fine-tune; with --apply, a compact delta directory")
+    d.add_argument("--method", choices=DELTA_METHODS, default=None,
+                   help="dare: random drop, survivors x 1/(1-p) (default); darex: survivors x 1/q; magnitude and "
+                        "ties: keep the largest deltas (the same for one model); drop: random, no rescaling")
+    d.add_argument("--drop", type=float, default=None, help="fraction of delta entries removed, in [0, 1) (default 0.9)")
+    d.add_argument("--q", type=float, default=None, help="darex: survivors are scaled by 1/Q, 1-drop <= Q <= 1")
+    d.add_argument("--compact", action="store_true",
+                   help="write only the sparse delta (bitmask + values, with the base's checksum), not the model")
+    d.add_argument("--apply", action="store_true", help="FINETUNED is a compact delta: write BASE with it applied")
+    _tensor_selection(d)
+
+    m = sub.add_parser("merge", help="merge fine-tunes of one base (task arithmetic, TIES, DARE-TIES)",
+                       epilog=DELTA_EPILOG.replace("config and tokenizer of FINETUNED", "config and tokenizer of BASE"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("base", metavar="BASE")
+    m.add_argument("finetuned", metavar="FINETUNED", nargs="+", help="one or more fine-tunes of BASE")
+    m.add_argument("--method", choices=MERGE_METHODS, default="ties",
+                   help="task_arithmetic: base + sum of weight x delta; ties: trim each delta by magnitude, elect "
+                        "signs, average the agreeing entries; dare_ties: DARE instead of the trim (default ties)")
+    m.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
+                   help="one weight per fine-tune (default 1/k for task_arithmetic, the plain average; 1 for ties and "
+                        "dare_ties, whose mean over agreeing models normalises by the weights)")
+    m.add_argument("--drop", type=float, default=None,
+                   help="fraction of each delta trimmed first (default 0.8 ties, 0.9 dare_ties, 0 task_arithmetic)")
+    m.add_argument("--scale", type=float, default=1.0, help="lambda, the factor of the merged delta (default 1)")
+    _tensor_selection(m)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = Parser(prog="prunekit", description="Prune PyTorch models.", epilog=EPILOG,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,run,eval,list}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,run,eval,delta,merge,list}")
     _prune_parser(sub)
 
     r = sub.add_parser("run", help="run every stage of a YAML recipe on one model and save the result", epilog=EPILOG,
@@ -158,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate at most this many tokens; --max-tokens is the older name")
     _placement(e)
     _common(e)
+
+    _delta_parsers(sub)
 
     ls = sub.add_parser("list", help="list the registries: methods, scores, patterns, allocations, ...")
     ls.add_argument("kind", nargs="?", default=None, help="one registry (e.g. scores, allocations); default: all")
@@ -236,7 +291,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
     run = {"prune": commands.cmd_prune, "run": commands.cmd_run, "eval": commands.cmd_eval,
-           "list": commands.cmd_list}[args.command]
+           "list": commands.cmd_list, "delta": commands.cmd_delta, "merge": commands.cmd_merge}[args.command]
     try:
         out = run(args)
     except PrunekitError as exc:

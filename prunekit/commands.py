@@ -266,3 +266,56 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
         print(format_entries(found) or f"no entries match {args.pattern!r}" + (f" in {args.kind}" if args.kind else ""))
     return {kind: {e.name: {"description": e.description, "defaults": e.defaults, "paper": e.paper} for e in infos}
             for kind, infos in found.items()}
+
+
+def _delta_summary(report: dict[str, Any]) -> str:
+    """A few lines a person reads after ``delta`` / ``merge`` (``--json`` has everything)."""
+    what = {"delta": f"delta {report['method']} drop {report.get('drop')}", "apply": "compact delta applied",
+            "merge": f"merge {report.get('method')} of {len(report.get('finetuned') or [])} fine-tunes"}[report["command"]]
+    lines = [f"{what}: {report['tensors_pruned']} of {report['tensors_total']} tensors pruned "
+             f"({report['params_pruned'] / 1e6:.2f}M of {report['params_total'] / 1e6:.2f}M entries)"]
+    if report["command"] != "apply":
+        lines.append(f"kept {100 * report['kept_fraction']:.2f}% of the pruned tensors' delta entries")
+    lines.append(f"wrote {report['bytes_written'] / 2**20:.1f} MB ({report['format']}) to {report['output']}")
+    lines.append(f"seconds {report['seconds']:.1f}; peak memory {report['peak_memory_mb']:,.0f} MB "
+                 f"(largest tensor {report['largest_tensor_mb']:.1f} MB)")
+    return "\n".join(lines)
+
+
+def _selection(args: argparse.Namespace) -> Any:
+    from .delta import Selection
+
+    return Selection(args.include, args.exclude)
+
+
+def cmd_delta(args: argparse.Namespace) -> dict[str, Any]:
+    """``delta BASE FINETUNED``: base + pruned delta (or ``--compact``: the delta only);
+    ``--apply``: FINETUNED is a compact delta to put back onto BASE."""
+    from .delta import DeltaConfig, apply_delta, prune_delta
+    from .errors import ConfigError
+
+    if args.apply:
+        given = [f for f, v in (("--method", args.method), ("--drop", args.drop), ("--q", args.q),
+                                ("--compact", args.compact), ("--include", args.include),
+                                ("--exclude", args.exclude)) if v not in (None, False)]
+        if given:
+            raise ConfigError(f"--apply writes what the compact delta records; drop {', '.join(given)}")
+        result = apply_delta(args.finetuned, args.base, output=args.output, overwrite=args.overwrite,
+                             progress=not args.quiet)
+    else:
+        config = DeltaConfig(args.method or "dare", 0.9 if args.drop is None else args.drop, args.q, args.seed,
+                             _selection(args))
+        result = prune_delta(args.base, args.finetuned, config, output=args.output, compact=args.compact,
+                             overwrite=args.overwrite, progress=not args.quiet)
+    return {**result.report, "summary": _delta_summary(result.report)}
+
+
+def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
+    """``merge BASE FT1 FT2 ...``: one model from several fine-tunes of BASE."""
+    from .delta import MergeConfig, merge
+
+    config = MergeConfig(args.method, tuple(args.weights) if args.weights else None, args.drop, args.scale,
+                         args.seed, _selection(args))
+    result = merge(args.base, args.finetuned, config, output=args.output, overwrite=args.overwrite,
+                   progress=not args.quiet)
+    return {**result.report, "summary": _delta_summary(result.report)}
