@@ -98,9 +98,11 @@ def load_mnist_5k(split: str = "train", limit: int | None = None, test_size: int
     return x, y
 
 
-def load_mnist1d(split: str = "train", limit: int | None = None, seed: int = 42) -> tuple[Tensor, Tensor]:
+def load_mnist1d(split: str = "train", limit: int | None = None, seed: int = 42,
+                 num_samples: int | None = None) -> tuple[Tensor, Tensor]:
     """MNIST-1D (Greydanus 2020) built offline with the ``mnist1d`` package's default
-    arguments (4000 train / 1000 test sequences of length 40).
+    arguments (4000 train / 1000 test sequences of length 40); ``num_samples`` generates
+    more (or fewer), split 80/20 as the package does.
 
     Returns sequences ``(N, 1, 40)`` float32 (standardised as the package makes them, not
     rescaled) and labels ``(N,)`` int64.
@@ -114,6 +116,10 @@ def load_mnist1d(split: str = "train", limit: int | None = None, seed: int = 42)
         ) from None
     args = get_dataset_args()
     args.seed = seed
+    if num_samples is not None:
+        if num_samples < 10:
+            raise DataError(f"num_samples {num_samples}: MNIST-1D needs at least 10 (80/20 train/test split)")
+        args.num_samples = num_samples
     data = make_dataset(args)
     xs, ys = (data["x"], data["y"]) if split == "train" else (data["x_test"], data["y_test"])
     n = _check_limit(limit, len(ys))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from prunekit.delta import DeltaConfig, MergeConfig, Selection, apply_delta, merge, prune_delta
 from prunekit.delta.checkpoint import SafetensorsCheckpoint, TensorSpec, open_checkpoint, save_tensors
 from prunekit.delta.compact import pack_mask, unpack_mask
-from prunekit.delta.ops import DELTA_METHODS, MERGE_METHODS, DeltaParams, MergeParams, generator_for, magnitude_keep
+from prunekit.delta.ops import CHUNK, DELTA_METHODS, MERGE_METHODS, DeltaParams, generator_for, magnitude_keep
 from prunekit.delta.search import choose_q, q_grid
 from prunekit.errors import ConfigError, ModelLoadError, OutputError
 
@@ -154,6 +154,20 @@ def test_magnitude_keeps_exactly_the_largest_deltas(method):
     assert torch.equal(w[kept], f[kept])
 
 
+def test_tensors_larger_than_a_chunk_are_processed_whole(monkeypatch):
+    import prunekit.delta.ops as ops
+
+    base, ft = _delta_pair(shape=(40, 50))
+    whole = prune_delta(base, ft, method="dare", drop=0.6, progress=False).state_dict
+    merged = merge(base, [ft, ft], method="dare_ties", drop=0.6, progress=False).state_dict
+    monkeypatch.setattr(ops, "CHUNK", 7)  # 2000 entries in 286 pieces, the last one short
+    assert torch.equal(prune_delta(base, ft, method="dare", drop=0.6, progress=False).state_dict["layers.0.w.weight"],
+                       whole["layers.0.w.weight"])
+    assert torch.equal(merge(base, [ft, ft], method="dare_ties", drop=0.6, progress=False).state_dict[
+        "layers.0.w.weight"], merged["layers.0.w.weight"])
+    assert CHUNK >= 1 << 16
+
+
 def test_random_masks_do_not_depend_on_order_or_other_tensors():
     base, ft = _delta_pair()
     extra_b = {"layers.1.x.weight": torch.randn(8, 8), **base}
@@ -170,23 +184,26 @@ def test_ties_merge_against_an_entry_by_entry_computation():
                            [-0.4, -0.3, 0.2, 0.3, 0.8, -0.1],
                            [0.1, 0.6, -0.2, 0.0, 0.05, 0.0]], dtype=torch.float64)  # (k=3, 6)
     weights = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
-    merged = MERGE_METHODS.get("ties")(deltas, weights, MergeParams(drop=0.0), [])
+    merged = MERGE_METHODS.get("ties")(deltas, weights)
     for j in range(deltas.shape[1]):
         mass = sum(weights[i] * deltas[i, j] for i in range(3))
         sign = 1 if mass > 0 else -1 if mass < 0 else 0
         agree = [i for i in range(3) if deltas[i, j] != 0 and (1 if deltas[i, j] > 0 else -1) == sign]
         want = sum(weights[i] * deltas[i, j] for i in agree) / sum(weights[i] for i in agree) if agree else 0.0
         assert merged[j].item() == pytest.approx(float(want)), j
-    trimmed = MERGE_METHODS.get("ties")(deltas, weights, MergeParams(drop=0.5), [])
-    kept = [magnitude_keep(d, 0.5) for d in deltas]
-    assert torch.equal(trimmed, MERGE_METHODS.get("ties")(torch.stack([d * k for d, k in zip(deltas, kept)]),
-                                                          weights, MergeParams(drop=0.0), []))
+    # through merge(): each delta trimmed to its top half by magnitude first, then the same
+    base = {"layers.0.w.weight": torch.zeros(2, 3, dtype=torch.float64)}
+    fts = [{"layers.0.w.weight": d.reshape(2, 3).clone()} for d in deltas]
+    got = merge(base, fts, method="ties", drop=0.5, weights=tuple(weights.tolist()), progress=False)
+    kept = torch.stack([d * magnitude_keep(d, 0.5) for d in deltas])
+    want = MERGE_METHODS.get("ties")(kept, weights).reshape(2, 3)
+    assert torch.equal(got.state_dict["layers.0.w.weight"], want)
 
 
 def test_task_arithmetic_is_the_weighted_sum():
     deltas = torch.randn(3, 4, 5, dtype=torch.float64)
     w = torch.tensor([0.2, 0.3, 1.5], dtype=torch.float64)
-    got = MERGE_METHODS.get("task_arithmetic")(deltas, w, MergeParams(), [])
+    got = MERGE_METHODS.get("task_arithmetic")(deltas, w)
     torch.testing.assert_close(got, 0.2 * deltas[0] + 0.3 * deltas[1] + 1.5 * deltas[2])
 
 

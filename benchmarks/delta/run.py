@@ -173,6 +173,7 @@ def main() -> None:
     ap.add_argument("--test-tokens", type=int, default=2048)
     ap.add_argument("--drops", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95, 0.99])
     ap.add_argument("--finetune-only", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="redo only part 3 into the saved JSON")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from transformers import AutoTokenizer
@@ -186,6 +187,13 @@ def main() -> None:
     fts = {name: finetune(base, d["train"], cache / f"ft-{name}-{args.steps}", args.steps, args.seqlen, args.batch,
                           args.lr) for name, d in data.items()}
     if args.finetune_only:
+        return
+    if args.memory_only:
+        out = json.loads((RESULTS / "delta.json").read_text())
+        with tempfile.TemporaryDirectory(dir=cache) as work:
+            out["memory"] = memory_and_compact(base, fts, Path(work))
+        (RESULTS / "delta.json").write_text(json.dumps(out, indent=1))
+        (RESULTS / "delta.md").write_text(markdown(out))
         return
     score = Scorer(base, args.seqlen)
     base_sd = state_dict(base)

@@ -78,7 +78,8 @@ def random_keep(shape: torch.Size, drop: float, generator: torch.Generator) -> T
 
 
 def magnitude_keep(delta: Tensor, drop: float) -> Tensor:
-    """Keep the ``n − count(drop, n)`` entries of largest |delta| (ties broken by position)."""
+    """Keep the ``n − count(drop, n)`` entries of largest |delta| (equal magnitudes at the
+    threshold: whichever ``torch.topk`` returns, deterministic on one device)."""
     n = delta.numel()
     keep_n = n - count(drop, n)
     keep = torch.zeros(n, dtype=torch.bool)
@@ -87,22 +88,39 @@ def magnitude_keep(delta: Tensor, drop: float) -> Tensor:
     return keep.reshape(delta.shape)
 
 
+#: elements processed at once where the math is elementwise: the float64 temporaries of a
+#: chunk stay small whatever the tensor (an embedding of 128k x 4096 included)
+CHUNK = 1 << 20
+
+
+def chunks(n: int) -> list[slice]:
+    return [slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
+
+
+def delta32(base: Tensor, finetuned: Tensor) -> Tensor:
+    """The delta in float32, for the methods that rank or only shape it."""
+    return finetuned.float() - base.float()
+
+
 def patch(base: Tensor, finetuned: Tensor, keep: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """The pruned fine-tune ``base + scale · keep ⊙ (finetuned − base)`` in ``base``'s dtype,
     and the mask of entries where it differs from ``base``.
 
     Entries kept with ``scale == 1`` are copied from ``finetuned``; the rest are computed in
-    :func:`working_dtype`. Where the delta is zero the base value is kept as is (so a -0.0 in
-    the base stays -0.0), which makes "base + the stored entries" reproduce this tensor bit
-    for bit."""
+    :func:`working_dtype`, chunk by chunk. Where the delta is zero the base value is kept as
+    is (so a -0.0 in the base stays -0.0), which makes "base + the stored entries"
+    reproduce this tensor bit for bit."""
     wd = working_dtype(base.dtype)
-    delta = finetuned.to(wd) - base.to(wd)  # same shape as base
-    mask = keep & (delta != 0)
     out = base.clone()
-    if scale == 1.0 and finetuned.dtype == base.dtype:
-        out[mask] = finetuned[mask]
-    else:
-        out[mask] = (base.to(wd)[mask] + delta[mask] * scale).to(base.dtype)
+    mask = torch.zeros(base.shape, dtype=torch.bool)
+    b, f, k, o, m = (t.reshape(-1) for t in (base, finetuned, keep, out, mask))  # views, (n,)
+    copy = scale == 1.0 and finetuned.dtype == base.dtype
+    for s in chunks(b.numel()):
+        bw = b[s].to(wd)
+        d = f[s].to(wd) - bw  # (c,)
+        ms = k[s] & (d != 0)
+        m[s] = ms
+        o[s][ms] = f[s][ms] if copy else (bw[ms] + d[ms] * scale).to(base.dtype)
     return out, mask
 
 
@@ -166,31 +184,34 @@ def _disjoint_mean(trimmed: Tensor, weights: Tensor) -> Tensor:
 
 @MERGE_METHODS.register("task_arithmetic", paper="Ilharco et al. 2023, Editing Models with Task Arithmetic",
                         params=MergeParams)
-def task_arithmetic(deltas: Tensor, weights: Tensor, params: MergeParams, generators: list) -> Tensor:
+def task_arithmetic(deltas: Tensor, weights: Tensor) -> Tensor:
     """The weighted sum of the deltas (task vectors).
 
-    With weights 1/k it is the plain average of the fine-tunes."""
-    if params.drop:
-        raise ConfigError(f"task_arithmetic drops nothing (got drop {params.drop}); use ties or dare_ties to trim "
-                          "the deltas first, or drop 0")
+    With weights 1/k it is the plain average of the fine-tunes. Nothing is trimmed."""
     return (weights.reshape(-1, *([1] * (deltas.dim() - 1))) * deltas).sum(0)
 
 
 @MERGE_METHODS.register("ties", paper="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models "
                                       "(TIES)", params=MergeParams)
-def ties(deltas: Tensor, weights: Tensor, params: MergeParams, generators: list) -> Tensor:
-    """Trim by magnitude, elect signs, average agreeing entries."""
-    trimmed = torch.stack([d * magnitude_keep(d, params.drop) for d in deltas])  # (k, ...)
-    return _disjoint_mean(trimmed, weights)
+def ties(deltas: Tensor, weights: Tensor) -> Tensor:
+    """Trim by magnitude, elect signs, average agreeing entries.
+
+    The trim (``magnitude`` per fine-tune, see :data:`MERGE_TRIM`) runs first, on whole
+    tensors; this is the elect + disjoint merge, elementwise."""
+    return _disjoint_mean(deltas, weights)
 
 
 @MERGE_METHODS.register("dare_ties", paper="Yu et al. 2024, Language Models are Super Mario (DARE) with Yadav et "
                                            "al. 2023, TIES-Merging", params=MergeParams)
-def dare_ties(deltas: Tensor, weights: Tensor, params: MergeParams, generators: list) -> Tensor:
-    """DARE each delta, then TIES's sign election and mean."""
-    scale = 1.0 / (1.0 - params.drop)
-    dropped = torch.stack([d * random_keep(d.shape, params.drop, g) * scale for d, g in zip(deltas, generators)])
-    return _disjoint_mean(dropped, weights)
+def dare_ties(deltas: Tensor, weights: Tensor) -> Tensor:
+    """DARE each delta, then TIES's sign election and mean.
+
+    The trim is ``dare`` (random drop, survivors x 1/(1-p)), see :data:`MERGE_TRIM`."""
+    return _disjoint_mean(deltas, weights)
+
+
+#: the delta method each merge trims every fine-tune's delta with first (None: no trim)
+MERGE_TRIM = {"task_arithmetic": None, "ties": "magnitude", "dare_ties": "dare"}
 
 
 #: the weights each merge method takes by default for k fine-tunes
@@ -200,5 +221,5 @@ def default_weights(method: str, k: int) -> list[float]:
     return [1.0 / k] * k if method == "task_arithmetic" else [1.0] * k
 
 
-__all__ = ["DELTA_METHODS", "MERGE_METHODS", "DeltaParams", "MergeParams", "default_weights", "generator_for",
+__all__ = ["DELTA_METHODS", "MERGE_METHODS", "MERGE_TRIM", "DeltaParams", "MergeParams", "chunks", "delta32", "default_weights", "generator_for",
            "magnitude_keep", "patch", "random_keep", "working_dtype"]

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from ..atomic import write_dir_atomically
 from ..errors import ConfigError, ModelLoadError
 from .checkpoint import INDEX, NAMES, Checkpoint, SafetensorsWriter, TensorSpec, open_checkpoint
-from .ops import (DELTA_METHODS, MERGE_METHODS, DeltaParams, MergeParams, default_weights, generator_for, patch,
-                  working_dtype)
+from .ops import (DELTA_METHODS, MERGE_METHODS, MERGE_TRIM, DeltaParams, MergeParams, chunks, default_weights,
+                  delta32, generator_for, patch, working_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,9 @@ class MergeConfig:
         if self.drop is None:
             object.__setattr__(self, "drop", {"ties": 0.8, "dare_ties": 0.9}.get(self.method, 0.0))
         MergeParams(self.drop, self.scale)
-        if self.method == "task_arithmetic" and self.drop:
-            MERGE_METHODS.get("task_arithmetic")(torch.zeros(1, 1), torch.ones(1), MergeParams(self.drop), [])
+        if MERGE_TRIM[self.method] is None and self.drop:
+            raise ConfigError(f"{self.method} drops nothing (got drop {self.drop}); use ties or dare_ties to trim "
+                              "the deltas first, or drop 0")
 
 
 @dataclass
@@ -293,8 +294,7 @@ def _delta_step(base: Checkpoint, ft: Checkpoint, config: DeltaConfig, hasher: T
         hasher.add(name, b)
         target = config.tensors(name, base.spec(name))
         if target:
-            delta = f.to(working_dtype(b.dtype)) - b.to(working_dtype(b.dtype))
-            keep, scale = fn(delta, params, generator_for(config.seed, name))
+            keep, scale = fn(delta32(b, f), params, generator_for(config.seed, name))
         else:
             keep, scale = torch.ones(b.shape, dtype=torch.bool), 1.0
         out, mask = patch(b, f, keep, scale)
@@ -346,22 +346,38 @@ def prune_delta(base: Any, finetuned: Any, config: DeltaConfig | None = None, *,
 
 
 def _merge_step(base: Checkpoint, fts: Sequence[Checkpoint], config: MergeConfig, weights: Tensor):
-    fn = MERGE_METHODS.get(config.method)
+    fn, trim = MERGE_METHODS.get(config.method), MERGE_TRIM[config.method]
 
     def step(shard: str, name: str) -> tuple[Tensor, Tensor, dict]:
         b = base.read(name)
-        wd = working_dtype(b.dtype)
         target = config.tensors(name, base.spec(name))
         stats = {"numel": b.numel(), "pruned": target, "bytes": b.numel() * b.element_size()}
         if not b.dtype.is_floating_point:
             return b, torch.zeros(b.shape, dtype=torch.bool), {**stats, "kept": b.numel(), "changed": 0}
-        deltas = torch.stack([ft.read(name).to(wd) - b.to(wd) for ft in fts])  # (k, ...)
-        params = MergeParams(config.drop if target else 0.0, config.scale)
-        gens = [generator_for(config.seed, f"{name}#{i}") for i in range(len(fts))]
-        merged = fn(deltas, weights.to(wd), params, gens) * config.scale  # (...)
-        mask = merged != 0
+        params = DeltaParams(config.drop if target else 0.0)
+        tensors, keeps, scales = [], [], []
+        for i, ft in enumerate(fts):
+            f = ft.read(name)
+            keep, scale = None, 1.0
+            if trim is not None and params.drop > 0:  # trims rank or draw over the whole tensor
+                keep, scale = DELTA_METHODS.get(trim)(delta32(b, f), params, generator_for(config.seed, f"{name}#{i}"))
+                keep = keep.reshape(-1)
+            tensors.append(f.reshape(-1))
+            keeps.append(keep)
+            scales.append(scale)
+        wd = working_dtype(b.dtype)
+        w = weights.to(wd)
         out = b.clone()
-        out[mask] = (b.to(wd)[mask] + merged[mask]).to(b.dtype)
+        mask = torch.zeros(b.shape, dtype=torch.bool)
+        flat_b, flat_out, flat_mask = b.reshape(-1), out.reshape(-1), mask.reshape(-1)
+        for s in chunks(b.numel()):  # the elementwise merge, in small float64 pieces
+            bw = flat_b[s].to(wd)
+            deltas = torch.stack([(f[s].to(wd) - bw) * (1.0 if k is None else k[s] * c)
+                                  for f, k, c in zip(tensors, keeps, scales)])  # (k, c)
+            merged = fn(deltas, w) * config.scale  # (c,)
+            m = merged != 0
+            flat_mask[s] = m
+            flat_out[s][m] = (bw[m] + merged[m]).to(b.dtype)
         changed = int(mask.sum())  # entries whose merged delta survived
         return out, mask, {**stats, "kept": changed, "changed": changed}
 
