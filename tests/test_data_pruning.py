@@ -346,3 +346,24 @@ def test_labelled_scores_find_the_mislabelled_fashion_mnist_images(noisy_fashion
     found, chance = recall(method), recall("random")
     assert chance < 0.15  # random keeps about 5% of them
     assert found > 5 * max(chance, 0.05), (found, chance)  # five times what chance finds
+
+
+def test_tensor_batches_match_a_dataloader():
+    """The fast path that slices TensorDatasets (and Subsets of them) gives the batches a
+    DataLoader gives in order, and a seeded permutation of them when shuffled."""
+    from torch.utils.data import DataLoader, Subset
+
+    from prunekit.data.training import Indexed, loader
+
+    data = Subset(blobs(50), list(range(3, 50, 2)))  # 24 items
+    fast, slow = list(loader(data, 8, False, 0)), list(DataLoader(Indexed(data), batch_size=8))
+    assert len(fast) == len(slow) == len(loader(data, 8, False, 0)) == 3
+    for a, b in zip(fast, slow):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    shuffled = list(loader(data, 8, True, 5))
+    idx = torch.cat([b[0] for b in shuffled])
+    assert sorted(idx.tolist()) == list(range(24)) and idx.tolist() != list(range(24))
+    for i, x, y in shuffled:
+        assert torch.equal(x, torch.stack([data[j][0] for j in i.tolist()]))
+        assert torch.equal(y, torch.stack([data[j][1] for j in i.tolist()]))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(shuffled, loader(data, 8, True, 5)))  # seeded

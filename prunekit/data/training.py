@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
@@ -104,9 +104,50 @@ def labels_of(dataset: Dataset) -> Tensor:
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
 
 
-def loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+def _tensors(dataset: Dataset) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """(row indices into the tensors, x, y or None) when ``dataset`` is a TensorDataset or a
+    Subset of one: batches are then sliced from the tensors, not collated item by item."""
+    rows = None
+    while isinstance(dataset, Subset):
+        here = torch.as_tensor(dataset.indices, dtype=torch.long)
+        rows = here if rows is None else here[rows]
+        dataset = dataset.dataset
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) in (1, 2):
+        x = dataset.tensors[0]
+        y = dataset.tensors[1] if len(dataset.tensors) == 2 else None
+        return (torch.arange(len(x)) if rows is None else rows), x, y
+    return None
+
+
+def loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+    """Batches ``(indices into dataset (B,), x, y)``, shuffled by ``seed``."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(Indexed(dataset), batch_size=batch_size, shuffle=shuffle, generator=gen)
+    fast = _tensors(dataset)
+    if fast is None:
+        return DataLoader(Indexed(dataset), batch_size=batch_size, shuffle=shuffle, generator=gen)
+    rows, x, y = fast
+    order = torch.randperm(len(rows), generator=gen) if shuffle else torch.arange(len(rows))
+    return _Slices(order, rows, x, y, batch_size)
+
+
+@dataclass(frozen=True)
+class _Slices:
+    """Batches sliced from a TensorDataset's tensors (``len`` gives their number, for tqdm)."""
+
+    order: Tensor  # (N,) positions into rows, in batch order
+    rows: Tensor  # (N,) rows of the tensors
+    x: Tensor
+    y: Tensor | None
+    batch_size: int
+
+    def __len__(self) -> int:
+        return (len(self.order) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for start in range(0, len(self.order), self.batch_size):
+            idx = self.order[start: start + self.batch_size]
+            r = self.rows[idx]
+            yield idx, self.x[r], (self.y[r] if self.y is not None else torch.full((len(idx),), -1))
 
 
 def _loss(logits: Tensor, y: Tensor, x: Tensor, kd: Distillation | None) -> Tensor:
