@@ -179,6 +179,32 @@ def test_random_masks_do_not_depend_on_order_or_other_tensors():
     assert not torch.equal(one["layers.0.w.weight"], other_seed["layers.0.w.weight"])
 
 
+@pytest.mark.parametrize("method", DELTA_METHODS.names())
+@pytest.mark.parametrize("drop", [0.3, 0.9])
+def test_every_delta_method_keeps_a_deterministic_mask_and_a_finite_factor(method, drop):
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(32, 50, generator=g)  # (out, in)
+    params = DeltaParams(drop, q=1 - drop / 2 if method == "darex" else None)
+    keep, scale = DELTA_METHODS.get(method)(delta, params, generator_for(4, "w"))
+    again, scale2 = DELTA_METHODS.get(method)(delta, params, generator_for(4, "w"))
+    assert keep.dtype == torch.bool and keep.shape == delta.shape and torch.equal(keep, again) and scale == scale2
+    assert 1.0 <= scale < float("inf")
+    assert abs(keep.float().mean().item() - (1 - drop)) < 0.05  # random ones near, magnitude ones exactly
+    if method in ("magnitude", "ties"):
+        assert int(keep.sum()) == delta.numel() - round(drop * delta.numel())
+
+
+@pytest.mark.parametrize("method", MERGE_METHODS.names())
+def test_every_merge_method_combines_identical_deltas_into_that_delta(method):
+    from prunekit.delta.ops import default_weights
+
+    d = torch.randn(4, 6, dtype=torch.float64)
+    w = torch.tensor(default_weights(method, 3), dtype=torch.float64)
+    got = MERGE_METHODS.get(method)(torch.stack([d, d, d]), w)  # (k=3, 4, 6) -> (4, 6)
+    assert got.shape == d.shape and got.dtype == d.dtype
+    torch.testing.assert_close(got, d)
+
+
 def test_ties_merge_against_an_entry_by_entry_computation():
     deltas = torch.tensor([[0.5, -0.2, 0.0, 0.3, -0.9, 0.1],
                            [-0.4, -0.3, 0.2, 0.3, 0.8, -0.1],
