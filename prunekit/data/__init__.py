@@ -10,8 +10,7 @@ indices to keep (``class_balanced`` optional) for any ``torch.utils.data.Dataset
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_getattr
 
 _LAZY = {
     "score": "scores", "DATA_SCORES": "scores", "ScoreInputs": "scores", "select": "selection", "subset": "selection",
@@ -19,11 +18,4 @@ _LAZY = {
     "accuracy": "training", "labels_of": "training", "predict": "training", "LanguageModel": "text",
 }
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'prunekit.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)

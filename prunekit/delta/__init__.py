@@ -11,8 +11,7 @@ The methods are registries (``prunekit list delta_methods``, ``prunekit list mer
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_getattr
 
 _LAZY = {
     "prune_delta": "stream", "merge": "stream", "DeltaConfig": "stream", "MergeConfig": "stream",
@@ -20,11 +19,4 @@ _LAZY = {
     "choose_q": "search", "open_checkpoint": "checkpoint", "DELTA_METHODS": "ops", "MERGE_METHODS": "ops",
 }
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'prunekit.delta' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
