@@ -124,6 +124,10 @@ def patch(base: Tensor, finetuned: Tensor, keep: Tensor, scale: float) -> tuple[
     return out, mask
 
 
+DAREX_NEEDS_Q = ("darex needs q: survivors are scaled by 1/q, between DARE's 1/(1-drop) (q = 1-drop) and none "
+                 "(q = 1); give --q Q, or choose it on data with prunekit.delta.choose_q")
+
+
 # ---------------------------------------------------------------- delta methods
 @DELTA_METHODS.register("dare", paper="Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from "
                                       "Homologous Models as a Free Lunch (DARE)", params=DeltaParams)
@@ -141,8 +145,7 @@ def darex(delta: Tensor, params: DeltaParams, generator: torch.Generator) -> tup
 
     With 1-p < q <= 1 the factor stays tame at high drop rates, where 1/(1-p) overshoots."""
     if params.q is None:
-        raise ConfigError("darex needs q: survivors are scaled by 1/q, between DARE's 1/(1-drop) (q = 1-drop) and "
-                          "none (q = 1); give --q Q, or choose it on data with prunekit.delta.choose_q")
+        raise ConfigError(DAREX_NEEDS_Q)
     return random_keep(delta.shape, params.drop, generator), 1.0 / params.q
 
 
@@ -221,5 +224,6 @@ def default_weights(method: str, k: int) -> list[float]:
     return [1.0 / k] * k if method == "task_arithmetic" else [1.0] * k
 
 
-__all__ = ["DELTA_METHODS", "MERGE_METHODS", "MERGE_TRIM", "DeltaParams", "MergeParams", "chunks", "delta32", "default_weights", "generator_for",
+__all__ = ["DAREX_NEEDS_Q", "DELTA_METHODS", "MERGE_METHODS", "MERGE_TRIM", "DeltaParams", "MergeParams", "chunks",
+           "delta32", "default_weights", "generator_for",
            "magnitude_keep", "patch", "random_keep", "working_dtype"]

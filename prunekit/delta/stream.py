@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from ..atomic import write_dir_atomically
 from ..errors import ConfigError, ModelLoadError
 from .checkpoint import INDEX, NAMES, Checkpoint, SafetensorsWriter, TensorSpec, open_checkpoint
-from .ops import (DELTA_METHODS, MERGE_METHODS, MERGE_TRIM, DeltaParams, MergeParams, chunks, default_weights,
-                  delta32, generator_for, patch, working_dtype)
+from .ops import (DAREX_NEEDS_Q, DELTA_METHODS, MERGE_METHODS, MERGE_TRIM, DeltaParams, MergeParams, chunks,
+                  default_weights, delta32, generator_for, patch, working_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class DeltaConfig:
         if self.q is not None and self.method != "darex":
             raise ConfigError(f"q goes with method darex, not {self.method}")
         if self.method == "darex" and self.q is None:
-            DELTA_METHODS.get("darex")(torch.zeros(1), DeltaParams(self.drop), None)  # raises its message
+            raise ConfigError(DAREX_NEEDS_Q)
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,6 @@ class DenseSink:
 
     def __init__(self, directory: Path, groups: Mapping[str, list[str]], specs: Mapping[str, TensorSpec]) -> None:
         self.directory, self.groups, self.specs = directory, groups, specs
-        self._writers = {shard: None for shard in groups}
         self._open: SafetensorsWriter | None = None
 
     def write(self, shard: str, name: str, out: Tensor, mask: Tensor) -> None:
