@@ -87,17 +87,26 @@ def test_ordering_at_benchmark_scale(smol, pattern, tmp_path):
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_bf16_prunes_within_two_percent_of_float32(smol, method):
     """A bfloat16 model is pruned in bfloat16 (statistics in float32) to the perplexity of the
-    float32 run on the same data, within 2%."""
+    float32 run on the same data, within 2%, averaged over three calibration draws.
+
+    One run is not a fair test: at 50% SparseGPT's pruned perplexity moves by 1-2% in float32
+    alone when only the summation order changes (1 vs 2 threads: 26.94 vs 27.33 on 8 x 256
+    tokens; another CPU gave 26.79), because masks near the threshold flip and the OBS updates
+    carry the flips forward. The mean over seeds and 32 x 256 calibration tokens (5x the largest
+    input width, so the Hessian is well determined) measured float32 26.58, bfloat16 26.72."""
     model, tok = smol
-    eval_ids = tokenize(tok, load_text("default", "eval"))[: 8 * 256]
-    calib = calibration_windows(tokenize(tok, load_text("default", "calib")), 8, 256, seed=0)
-    cfg = PruneConfig.from_method(method, calibration=Calibration(8, 256))
-    ppl = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        pruned = copy.deepcopy(model).to(dtype)
-        prune(pruned, cfg, calib, progress=False)
-        assert pruned.model.layers[3].mlp.up_proj.weight.dtype == dtype
-        ppl[dtype] = perplexity(pruned.float(), eval_ids, seqlen=256, progress=False).perplexity
-        del pruned
-    print(f"\n{method}: float32 {ppl[torch.float32]:.3f} bfloat16 {ppl[torch.bfloat16]:.3f}")
-    assert ppl[torch.bfloat16] == pytest.approx(ppl[torch.float32], rel=0.02)
+    eval_ids = tokenize(tok, load_text("default", "eval"))[: 16 * 256]
+    text = tokenize(tok, load_text("default", "calib"))
+    cfg = PruneConfig.from_method(method, calibration=Calibration(32, 256))
+    ppl = {torch.float32: [], torch.bfloat16: []}
+    for seed in (0, 1, 2):
+        calib = calibration_windows(text, 32, 256, seed=seed)
+        for dtype in ppl:
+            pruned = copy.deepcopy(model).to(dtype)
+            prune(pruned, cfg, calib, progress=False)
+            assert pruned.model.layers[3].mlp.up_proj.weight.dtype == dtype
+            ppl[dtype].append(perplexity(pruned.float(), eval_ids, seqlen=256, progress=False).perplexity)
+            del pruned
+    mean = {dtype: sum(v) / len(v) for dtype, v in ppl.items()}
+    print(f"\n{method}: float32 {ppl[torch.float32]} bfloat16 {ppl[torch.bfloat16]}")
+    assert mean[torch.bfloat16] == pytest.approx(mean[torch.float32], rel=0.02)

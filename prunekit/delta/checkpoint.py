@@ -301,5 +301,5 @@ def save_tensors(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[st
             w.write(name, t)
 
 
-__all__ = ["Checkpoint", "DictCheckpoint", "SafetensorsAppender", "SafetensorsCheckpoint", "SafetensorsWriter", "TensorSpec",
-           "open_checkpoint", "read_header", "save_tensors"]
+__all__ = ["Checkpoint", "DictCheckpoint", "SafetensorsAppender", "SafetensorsCheckpoint", "SafetensorsWriter",
+           "TensorSpec",           "open_checkpoint", "read_header", "save_tensors"]
