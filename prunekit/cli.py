@@ -25,7 +25,8 @@ the run prints what it removed beside what was asked. N:M keeps exactly N of eve
 
 #: flags that only weight pruning takes, and only structural pruning takes (name -> default)
 WEIGHTS_ONLY = {"sparsity": None, "pattern": "unstructured", "owl_m": None, "owl_lambda": None, "blocksize": None,
-                "damp": None, "sequential": "layer", "unreached": "magnitude", "offload": "none"}
+                "damp": None, "sequential": "layer", "unreached": "magnitude", "offload": "none",
+                "refine": "none"}
 STRUCTURE_ONLY = {"ratio": None, "heads": "auto", "round_to": 1, "latency": False, "override": []}
 
 
@@ -80,10 +81,10 @@ def _prune_parser(sub: Any) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--method", default=None,
-                   help="weights: magnitude, random, wanda or sparsegpt (default wanda); with --structure: "
+                   help="weights: magnitude, random, wanda, sparsegpt, ria or gblm (default wanda); with --structure: "
                         "flap, wanda, taylor, l2, l1, random, bn_scale (default: flap on language models, l2 "
                         "otherwise); layers: block_influence (default), random; experts: frequency (default), "
-                        "router_norm, random")
+                        "reap, easy_ep, greedy, router_norm, random")
     p.add_argument("--structure", choices=["channels", "neurons", "heads", "width", "layers", "experts"],
                    help="remove whole structures instead of single weights: channels (hidden width on "
                         "transformers), neurons (MLP), heads (attention), layers (blocks), experts (MoE)")
@@ -123,6 +124,10 @@ def _prune_parser(sub: Any) -> None:
     p.add_argument("--blocksize", type=int, default=None, help="SparseGPT lazy-update block size (default 128)")
     p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening, fraction of mean Hessian diagonal "
                                                              "(default 0.01)")
+    p.add_argument("--refine", default=None, choices=["none", "dsnot"],
+                   help="after the mask is chosen (and SparseGPT's update): none (default), or dsnot, training-free "
+                        "swaps of kept and pruned weights that shrink each row's expected error (same sparsity "
+                        "and N:M pattern)")
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="leave layers whose name matches dense (repeatable)")
     _output(p)

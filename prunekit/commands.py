@@ -69,7 +69,7 @@ def prune_recipe(args: argparse.Namespace) -> Any:
         allocation=_allocation(args), calibration=spec.as_calibration(),
         sparsegpt=SparseGPTParams(args.blocksize or 128, args.damp or 0.01) if (args.blocksize or args.damp) else None,
         target=Target(tuple(args.ignore)), seed=args.seed,
-        unreached=args.unreached)
+        unreached=args.unreached, refine=args.refine or "none")
     return one_stage(stage, spec)
 
 

@@ -21,6 +21,8 @@ METHODS.register("magnitude")(("magnitude", "none"))
 METHODS.register("random")(("random", "none"))
 METHODS.register("wanda")(("wanda", "none"))
 METHODS.register("sparsegpt")(("obs", "sparsegpt"))
+METHODS.register("ria")(("ria", "none"))
+METHODS.register("gblm")(("gblm", "none"))
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -161,6 +163,8 @@ class PruneConfig:
     allocation: Allocation = field(default_factory=Allocation)
     calibration: Calibration = field(default_factory=Calibration)
     sparsegpt: Any = None  # SparseGPT's parameters (reconstruct/sparsegpt.py), None: its defaults
+    refine: str = "none"  # a mask refinement after reconstruction (prunekit.refine): none or dsnot
+    refine_params: Any = None  # its parameters (e.g. refine/dsnot.py's DSnoTParams), None: its defaults
     target: Target = field(default_factory=Target)
     seed: int = 0
     method: str | None = None
@@ -229,6 +233,13 @@ class PruneConfig:
             from .reconstruct.sparsegpt import SparseGPTParams  # the older recipe format named its fields
 
             d["sparsegpt"] = SparseGPTParams(**d["sparsegpt"])
+        if isinstance(d.get("refine_params"), dict):
+            from .refine import REFINEMENTS
+
+            params = REFINEMENTS.params_of(d.get("refine", "none"))
+            if params is None:
+                raise ConfigError(f"refinement {d.get('refine', 'none')!r} takes no parameters; remove refine_params")
+            d["refine_params"] = params(**d["refine_params"])
         for f in fields(cls):
             sub = d.get(f.name)
             if isinstance(sub, dict) and f.name != "pattern":

@@ -13,6 +13,8 @@ model is loaded, and every error names the stage, the key and the fix.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -165,7 +167,7 @@ def _build(where: str, cls: type, kwargs: dict[str, Any]) -> Any:
 # -- stages ------------------------------------------------------------------------------
 STAGE_KINDS = ("structure", "weights", "training", "recovery")
 _WEIGHTS_KEYS = {"method", "score", "reconstruction", "sparsity", "pattern", "allocation", "sparsegpt", "ignore",
-                 "unreached", "seed"}
+                 "unreached", "seed", "refine", "refine_params"}
 
 
 def stage_kind(stage: Any) -> str:
@@ -228,6 +230,8 @@ def _weights(where: str, body: dict[str, Any], spec: CalibrationSpec) -> PruneCo
             from .reconstruct.sparsegpt import SparseGPTParams
 
             kw["sparsegpt"] = SparseGPTParams(**dict(body["sparsegpt"]))
+        if "refine" in body or "refine_params" in body:
+            kw.update(refine_fields(str(body.get("refine", "none")), body.get("refine_params")))
         if "ignore" in body:
             ignore = body["ignore"]
             kw["target"] = Target(tuple([ignore] if isinstance(ignore, str) else ignore))
@@ -244,6 +248,21 @@ def _weights(where: str, body: dict[str, Any], spec: CalibrationSpec) -> PruneCo
         raise ConfigError(f"{where}: {exc}") from None
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def refine_fields(refine: str, params: Any) -> dict[str, Any]:
+    """``refine`` and ``refine_params`` of a weights stage, the parameters built by the
+    refinement's own parameter class (``{max_cycles: 50, ...}`` for dsnot)."""
+    from .refine import REFINEMENTS
+
+    cls = REFINEMENTS.params_of(refine)
+    if params is None:
+        return {"refine": refine}
+    if cls is None:
+        raise ConfigError(f"refinement {refine!r} takes no parameters; remove refine_params")
+    if not isinstance(params, dict):
+        raise ConfigError(f"refine_params takes a mapping of {cls.__name__}'s fields, got {params!r}")
+    return {"refine": refine, "refine_params": cls(**params)}
 
 
 def _structure(where: str, body: dict[str, Any], spec: CalibrationSpec) -> Any:
@@ -273,6 +292,10 @@ def stage_to_dict(stage: Any) -> dict[str, Any]:
         out["allocation"] = c.allocation.to_dict()
         if c.sparsegpt is not None:
             out["sparsegpt"] = {"blocksize": c.sparsegpt.blocksize, "damp": c.sparsegpt.damp}
+        if c.refine != "none":
+            out["refine"] = c.refine
+            if c.refine_params is not None:
+                out["refine_params"] = dataclasses.asdict(c.refine_params)
         if c.target.ignore:
             out["ignore"] = list(c.target.ignore)
         out.update(unreached=c.unreached, seed=c.seed)

@@ -29,8 +29,9 @@ T = TypeVar("T")
 ALL: dict[str, "Registry[Any]"] = {}
 #: modules whose import registers entries
 _PROVIDERS = ("prunekit.config", "prunekit.scoring", "prunekit.patterns", "prunekit.allocation", "prunekit.reconstruct",
-              "prunekit.structural.scores", "prunekit.structural.layers", "prunekit.structural.experts",
-              "prunekit.schedules.at_init", "prunekit.models.adapters", "prunekit.delta.ops", "prunekit.data.scores")
+              "prunekit.refine", "prunekit.structural.scores", "prunekit.structural.layers",
+              "prunekit.structural.experts", "prunekit.schedules.at_init", "prunekit.models.adapters",
+              "prunekit.delta.ops", "prunekit.data.scores")
 
 
 class Registry(Generic[T]):

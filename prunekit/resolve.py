@@ -19,12 +19,24 @@ def check_weights(cfg: Any) -> None:
 
     SCORES.get(cfg.score)
     RECONSTRUCTIONS.get(cfg.reconstruction)
+    check_refine(cfg)
     ALLOCATIONS.get(cfg.allocation.name).params_for(cfg.allocation)
     sgpt = sparsegpt_params(cfg)
     if not isinstance(sgpt, SparseGPTParams):
         raise ConfigError(f"sparsegpt parameters must be SparseGPTParams(blocksize, damp), got {sgpt!r}")
     if cfg.pattern.kind == "nm" and cfg.reconstruction == "sparsegpt" and sgpt.blocksize % cfg.pattern.m:
         raise ConfigError(f"SparseGPT blocksize {sgpt.blocksize} must be a multiple of M={cfg.pattern.m}")
+
+
+def check_refine(cfg: Any) -> None:
+    """The refinement is registered and its parameters are its own parameter class."""
+    from .refine import REFINEMENTS
+
+    REFINEMENTS.get(cfg.refine)
+    params = REFINEMENTS.params_of(cfg.refine)
+    if cfg.refine_params is not None and (params is None or not isinstance(cfg.refine_params, params)):
+        want = f"{params.__name__}(...)" if params is not None else "none"
+        raise ConfigError(f"refinement {cfg.refine!r} takes {want} as its parameters, got {cfg.refine_params!r}")
 
 
 def sparsegpt_params(cfg: Any) -> Any:
@@ -38,7 +50,11 @@ def check_structure(cfg: Any) -> None:
     """The structure's score is registered for that structure."""
     if cfg.method is None:
         return  # resolved by the model kind when pruning
-    if cfg.structure == "layers":
+    if cfg.method == "slicegpt":  # a rotation of the residual stream, not a unit score
+        from .structural.slicegpt import check_config
+
+        check_config(cfg)
+    elif cfg.structure == "layers":
         from .structural.layers import LAYER_SCORES
 
         LAYER_SCORES.get(cfg.method)
@@ -71,7 +87,7 @@ def needs_data(cfg: Any) -> bool:
     score = SCORES.get(cfg.score)
     proxy = SCORES.get(score.allocation_proxy)
     alloc_needs = ALLOCATIONS.get(cfg.allocation.name).uses_scores and bool(proxy.needs)
-    return bool(score.needs) or cfg.reconstruction != "none" or alloc_needs
+    return bool(score.needs) or cfg.reconstruction != "none" or cfg.refine != "none" or alloc_needs
 
 
 __all__ = ["check", "check_weights", "check_structure", "needs_data", "sparsegpt_params"]

@@ -68,7 +68,8 @@ def test_too_short_calibration(capsys, tiny_llama_dir, tmp_path):
 def test_list(capsys):
     code, out, _ = run(capsys, "list", "--json")
     info = last_json(out)
-    assert code == 0 and set(info["methods"]) == {"magnitude", "random", "wanda", "sparsegpt"}
+    assert code == 0 and set(info["methods"]) == {"magnitude", "random", "wanda", "sparsegpt", "ria", "gblm"}
+    assert set(info["refinements"]) == {"none", "dsnot"}
     assert {"uniform", "global", "owl"} <= set(info["allocations"])
 
 

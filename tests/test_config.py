@@ -35,7 +35,7 @@ def test_nm_sparsity_must_agree():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"score": "fisher"}, "unknown score 'fisher'; choose one of: magnitude, obs, random, taylor, wanda"),
+    ({"score": "fisher"}, "unknown score 'fisher'; choose one of: gblm, magnitude, obs, random, ria, taylor, wanda"),
     ({"reconstruction": "lsq"}, "unknown reconstruction"),
     ({"allocation": Allocation("bogus")}, "unknown allocation 'bogus'"),
 ])

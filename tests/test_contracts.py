@@ -10,6 +10,8 @@ from prunekit.calibration.stats import InputStats
 from prunekit.config import Allocation, SparseGPTParams
 from prunekit.patterns import MaskSpec, is_nm
 from prunekit.reconstruct import RECONSTRUCTIONS, GroupProblem, Segment
+from prunekit.reconstruct.mask_only import choose_masks
+from prunekit.refine import REFINEMENTS, RefineProblem
 from prunekit.scoring import SCORES, LayerStats
 
 SPECS = [MaskSpec("unstructured", 0.5, "row"), MaskSpec("unstructured", 0.7, "layer"), MaskSpec("nm", n=2, m=4),
@@ -62,6 +64,28 @@ def test_scores_are_elementwise_and_keep_shape(score):
     assert s.shape == problem.weight.shape and torch.isfinite(s).all() and (s >= 0).all()
 
 
+@pytest.mark.parametrize("name", REFINEMENTS.names())
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_refinement_keeps_counts_pattern_and_dtype(name, spec, dtype):
+    """A refinement changes which weights are kept, never how many (per row or per layer, as
+    the pattern counts them), never the N:M pattern, and returns the weight's own dtype."""
+    problem = make_problem("wanda", spec)
+    pruned = choose_masks(problem)
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(1)) + 0.5  # (tokens, in), with means
+    inputs = InputStats(32, moments=True)
+    inputs.add(x)
+    dense = problem.weight.to(dtype)
+    refine = RefineProblem(dense, dense.masked_fill(pruned, 0), pruned, inputs.mean.float(), inputs.variance.float(),
+                           inputs.input_norm, spec)
+    weight, after = REFINEMENTS.get(name)(refine)
+    assert weight.dtype == dtype and after.dtype == torch.bool and weight.shape == dense.shape
+    check_pattern(weight, after, spec)
+    assert torch.equal(after.sum(1), pruned.sum(1))
+    again = REFINEMENTS.get(name)(refine)
+    assert torch.equal(again[0], weight) and torch.equal(again[1], after)
+
+
 @pytest.mark.parametrize("name", ALLOCATIONS.names())
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
 def test_every_allocation(name, sparsity):
@@ -83,7 +107,8 @@ def test_every_registry_has_generated_contract_tests():
 
     catalogue()  # imports every module that registers entries
     covered = {"scores", "patterns", "allocations", "reconstructions", "methods", "unit_scores", "layer_scores",
-               "expert_scores", "init_scores", "adapters", "data_scores", "delta_methods", "merge_methods"}
+               "expert_scores", "init_scores", "adapters", "data_scores", "delta_methods", "merge_methods",
+               "refinements"}
     assert set(ALL) == covered
 
 

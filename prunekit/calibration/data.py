@@ -43,9 +43,29 @@ class Batch:
         first = next((t for t in (*self.args, *self.kwargs.values()) if isinstance(t, Tensor)), None)
         return int(first.shape[0]) if first is not None and first.dim() > 0 else 1
 
+    def samples(self) -> list[Batch]:
+        """The batch split into batches of one sample: every tensor whose first dim is the
+        batch's size is sliced, everything else is shared."""
+        n = self.size
+        if n == 1:
+            return [self]
+        cut = lambda obj, i: slice_first(obj, i, n)  # noqa: E731
+        return [Batch(cut(self.args, i), cut(self.kwargs, i), cut(self.target, i)) for i in range(n)]
+
 
 #: loss_fn(model, batch) -> scalar loss, when the default does not fit
 LossFn = Callable[[nn.Module, Batch], Tensor]
+
+
+def slice_first(obj: Any, i: int, n: int) -> Any:
+    """``obj`` with every tensor of first dim ``n`` inside (tuples, lists, dicts) cut to row ``i``."""
+    if isinstance(obj, Tensor):
+        return obj[i : i + 1] if obj.dim() > 0 and obj.shape[0] == n else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(slice_first(o, i, n) for o in obj)
+    if isinstance(obj, dict):
+        return {k: slice_first(v, i, n) for k, v in obj.items()}
+    return obj
 
 
 def move(obj: Any, device: torch.device | str) -> Any:

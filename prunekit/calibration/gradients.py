@@ -13,9 +13,12 @@ from .data import Batch, CalibrationData
 
 
 def loss_gradients(model: nn.Module, data: CalibrationData, params: Mapping[str, nn.Parameter] | None = None,
-                   batches: Sequence[Batch] | None = None) -> dict[str, Tensor]:
+                   batches: Sequence[Batch] | None = None, *, per_sample_l2: bool = False) -> dict[str, Tensor]:
     """``name -> d(sum of batch losses)/d(param)`` for ``params`` (default: every parameter),
-    over ``batches`` (default: all of ``data``), each gradient on its parameter's device."""
+    over ``batches`` (default: all of ``data``), each gradient on its parameter's device.
+
+    ``per_sample_l2``: instead, the L2 norm over samples of each sample's gradient,
+    ``sqrt(sum_n g_n^2)`` (GBLM-Pruner's gradient statistic), one backward per sample."""
     params = dict(params) if params is not None else dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -25,15 +28,18 @@ def loss_gradients(model: nn.Module, data: CalibrationData, params: Mapping[str,
         for p in params.values():
             p.requires_grad_(True)
         with torch.enable_grad():
-            for batch in batches if batches is not None else data.batches:
+            batches = batches if batches is not None else data.batches
+            if per_sample_l2:
+                batches = [one for batch in batches for one in batch.samples()]
+            for batch in batches:
                 loss = data.loss(model, batch)
                 if not torch.isfinite(loss):
                     raise CalibrationError(f"loss is {loss.item()} on calibration data; cannot score by gradient")
                 for n, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
                     if g is not None:
-                        grads[n] += g.detach()
+                        grads[n] += g.detach().square() if per_sample_l2 else g.detach()
     finally:
         for n, p in params.items():
             p.requires_grad_(flags[n])
         model.train(was_training)
-    return grads
+    return {n: g.sqrt() for n, g in grads.items()} if per_sample_l2 else grads

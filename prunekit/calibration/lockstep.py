@@ -45,8 +45,9 @@ class Lockstep:
     (through ``visit``) just before it first runs, from the inputs all batches bring to it."""
 
     def __init__(self, targets: dict[str, Target], groups: InputGroups, visit: GroupVisitor, *,
-                 gram: bool, where: str) -> None:
+                 gram: bool, where: str, moments: bool = False) -> None:
         self.targets, self.groups, self.visit, self.gram, self.where = targets, groups, visit, gram, where
+        self.moments = moments
         self.released: set[str] = set()
         self._pending: dict[str, InputStats] = {}
         self._window: dict[greenlet.greenlet, int] = {}
@@ -67,7 +68,7 @@ class Lockstep:
             return  # its leader paused this batch already; the group is released together
         stats = self._pending.get(leader)
         if stats is None:
-            stats = self._pending[leader] = new_stats(x, self.gram, False)
+            stats = self._pending[leader] = new_stats(x, self.gram, self.moments)
         stats.add(x)
         assert self._main is not None
         self._main.switch(leader)

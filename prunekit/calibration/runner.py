@@ -256,7 +256,8 @@ def _run_block(i: int, block: nn.Module, where: str, calls: list[BlockCall], cac
             if not learned:
                 probe(stats_step(0), targets, groups)
                 known.learn(block, prefix, targets, groups)
-            return Lockstep(targets, groups, visit, gram=gram, where=where).run([output_step(b) for b in range(n)])
+            lockstep = Lockstep(targets, groups, visit, gram=gram, where=where, moments=moments)
+            return lockstep.run([output_step(b) for b in range(n)])
         if modifies:
             stats = stream([stats_step(b) for b in range(n)], targets, groups, gram=gram, moments=moments,
                            stop_early=True)

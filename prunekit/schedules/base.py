@@ -80,6 +80,10 @@ def check_training_score(score: str) -> frozenset[str]:
     if "hessian" in needs:
         raise ScheduleError(f"score {score!r} needs the layer Hessian, which training does not gather; use it "
                             "in one-shot pruning, or train with magnitude, wanda, taylor or random")
+    if "grad_l2" in needs:
+        raise ScheduleError(f"score {score!r} needs per-sample gradient norms over calibration data, which training "
+                            "steps do not gather; use it in one-shot pruning, or train with magnitude, wanda, "
+                            "taylor or random")
     return needs
 
 

@@ -19,6 +19,7 @@ from ..patterns import MaskSpec, check_nm_shape
 from ..reconstruct import RECONSTRUCTIONS, GroupProblem, Segment
 from ..reconstruct.base import inverse_factor
 from ..reconstruct.mask_only import choose_masks
+from ..refine import REFINEMENTS, RefineProblem
 from ..scoring import SCORES, LayerStats, Score
 from ..resolve import check_weights, sparsegpt_params
 from ..targets import Target, left_dense, select_layers
@@ -133,6 +134,7 @@ def prune_group(plan: Plan, targets: dict[str, Target], names: list[str], amount
     score = score or plan.score
     reconstruction = plan.config.reconstruction if inputs is not None else "none"
     params = sparsegpt_params(plan.config)
+    refine = plan.config.refine if inputs is not None else "none"
     if reconstruction == "none":
         shared = inverse_factor(inputs, params.damp, score.name) if "hessian" in score.needs else None
         for n in names:
@@ -140,7 +142,12 @@ def prune_group(plan: Plan, targets: dict[str, Target], names: list[str], amount
             seg = Segment(0, live.shape[0], plan.spec(amounts[n]))
             layer_stats = replace(stats, grad=plan.grads.get(n))
             problem = GroupProblem(live.float(), (seg,), score, layer_stats, inputs, params, shared)
-            live.masked_fill_(choose_masks(problem), 0)
+            pruned = choose_masks(problem)
+            if refine == "none":
+                live.masked_fill_(pruned, 0)
+            else:
+                dense = live.float()
+                targets[n].set_weight(refined(plan, dense, dense.masked_fill(pruned, 0.0), pruned, seg.spec, inputs))
         return
     weights = [targets[n].weight().float() for n in names]  # each (out_i, in)
     bounds = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()
@@ -149,9 +156,21 @@ def prune_group(plan: Plan, targets: dict[str, Target], names: list[str], amount
     if plan.grads:
         stats = replace(stats, grad=torch.cat([plan.grads[n] for n in names]))
     problem = GroupProblem(stacked, segments, score, stats, inputs, params)
-    new_weight, _ = RECONSTRUCTIONS.get(reconstruction)(problem)
+    new_weight, pruned = RECONSTRUCTIONS.get(reconstruction)(problem)
     for n, seg in zip(names, segments):
-        targets[n].set_weight(new_weight[seg.start : seg.stop])
+        rows = slice(seg.start, seg.stop)
+        if refine == "none":
+            targets[n].set_weight(new_weight[rows])
+        else:
+            targets[n].set_weight(refined(plan, stacked[rows], new_weight[rows], pruned[rows], seg.spec, inputs))
+
+
+def refined(plan: Plan, dense: torch.Tensor, weight: torch.Tensor, pruned: torch.Tensor, spec: MaskSpec,
+            inputs: InputStats) -> torch.Tensor:
+    """One layer's weight (out, in) after the plan's refinement of its mask (DSnoT ...)."""
+    problem = RefineProblem(dense, weight, pruned, inputs.mean.float(), inputs.variance.float(),
+                            inputs.input_norm, spec, plan.config.refine_params)
+    return REFINEMENTS.get(plan.config.refine)(problem)[0]
 
 
 def _prune_data_free(plan: Plan, targets: dict[str, Target], names: list[str], amounts: dict[str, float],
@@ -160,14 +179,15 @@ def _prune_data_free(plan: Plan, targets: dict[str, Target], names: list[str], a
         prune_group(plan, targets, [name], amounts, LayerStats(generator=plan.generator(name)), None, score)
 
 
-def target_gradients(model: nn.Module, targets: dict[str, Target], data: CalibrationData) -> dict[str, torch.Tensor]:
+def target_gradients(model: nn.Module, targets: dict[str, Target], data: CalibrationData,
+                     per_sample_l2: bool = False) -> dict[str, torch.Tensor]:
     """``name -> (out, in)`` loss gradient of every target, from one forward and backward of the
-    whole (dense) model per calibration batch."""
+    whole (dense) model per calibration batch (per sample, and their L2 norm, with ``per_sample_l2``)."""
     from ..calibration.gradients import loss_gradients
 
     params = {f"p{i}": getattr(t.module, t.param) for i, t in enumerate(targets.values())}
     unique = {id(p): k for k, p in params.items()}
-    grads = loss_gradients(model, data, {k: params[k] for k in unique.values()})
+    grads = loss_gradients(model, data, {k: params[k] for k in unique.values()}, per_sample_l2=per_sample_l2)
     out = {}
     for i, (name, t) in enumerate(targets.items()):
         g = grads[unique[id(params[f"p{i}"])]]
@@ -185,8 +205,9 @@ def prune_oneshot(model: nn.Module, config: PruneConfig, data: Any = None, *, pr
     where blocks compute (None: where the model is); the model stays where it is.
     """
     plan = make_plan(model, config)
-    if "grad" in plan.score.needs:
-        plan.grads = target_gradients(model, plan.all_layers, _calibration(data, config, f"score {config.score!r}"))
+    if {"grad", "grad_l2"} & plan.score.needs:
+        plan.grads = target_gradients(model, plan.all_layers, _calibration(data, config, f"score {config.score!r}"),
+                                      per_sample_l2="grad_l2" in plan.score.needs)
     amounts = allocate(model, plan, data, progress, device)
     targets = plan.all_layers
     outcome = OneShotOutcome(amounts, left_dense=plan.dense)
@@ -208,7 +229,7 @@ def prune_oneshot(model: nn.Module, config: PruneConfig, data: Any = None, *, pr
         prune_group(plan, targets, names, amounts, stats, inputs)
 
     run = run_sequential(model, calib, (plan.blocks_name, plan.blocks), plan.layers, visit, gram=needs_hessian,
-                         modifies=True, options=_options(config, progress, device,
+                         moments=config.refine != "none", modifies=True, options=_options(config, progress, device,
                                                          f"pruning ({config.method or config.score})"))
     if outcome.dead_inputs:
         log.warning("%d layers saw only zero calibration inputs (%s); %s", len(outcome.dead_inputs),
