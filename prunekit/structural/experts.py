@@ -183,7 +183,9 @@ def frequency(model: nn.Module, layers: list[MoELayer], data: CalibrationData | 
                                       "(One-shot MoE compression)")
 def reap(model: nn.Module, layers: list[MoELayer], data: CalibrationData | None, gen: torch.Generator,
          options: RunOptions) -> list[Tensor]:
-    """REAP saliency: the mean, over the calibration tokens routed to expert ``e`` (``e`` in
+    """Mean gate weight x expert output norm over routed tokens.
+
+    REAP's saliency: the mean, over the calibration tokens routed to expert ``e`` (``e`` in
     the token's top-k), of its gate weight times the L2 norm of its output,
 
         S_e = 1/|X_e| * sum_{t in X_e} g_{e,t} * ||E_e(x_t)||_2,
@@ -199,7 +201,9 @@ def reap(model: nn.Module, layers: list[MoELayer], data: CalibrationData | None,
                                          "Models with Few-shot Demonstrations (EASY-EP)")
 def easy_ep(model: nn.Module, layers: list[MoELayer], data: CalibrationData | None, gen: torch.Generator,
             options: RunOptions) -> list[Tensor]:
-    """EASY-EP importance from a few (in-domain) demonstrations: output-aware expert importance
+    """Token-weighted sum of gated expert output norms.
+
+    EASY-EP importance from a few (in-domain) demonstrations: output-aware expert importance
     ``c_{e,t} = g_{e,t} * ||E_e(x_t)||_2`` times the token's contribution
     ``s_t = max(0, 1 - cos(x_t, x_t + y_t))``, summed over every token routed to ``e``:
 
@@ -275,8 +279,10 @@ def greedy_removal(n: int, keep_at_least: int, error: Callable[[list[int]], floa
                                         "MoE Pruning; Lu et al. 2024, Not All Experts are Equal")
 def greedy(model: nn.Module, layers: list[MoELayer], data: CalibrationData | None, gen: torch.Generator,
            options: RunOptions) -> list[Tensor]:
-    """Greedy expert removal by layer-output reconstruction (the greedy search of STUN's
-    structured stage; Lu et al.'s enumeration, one expert at a time).
+    """Greedy removal order by layer-output reconstruction error.
+
+    The greedy search of STUN's structured stage (Lu et al.'s enumeration, one expert at a
+    time).
 
     Each MoE layer's calibration inputs ``X_b`` and dense outputs ``F(X_b)`` are cached while
     its block runs; then, with ``D`` the experts removed so far, the next one removed is
