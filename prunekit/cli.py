@@ -83,7 +83,8 @@ def _prune_parser(sub: Any) -> None:
     p.add_argument("--method", default=None,
                    help="weights: magnitude, random, wanda, sparsegpt, ria or gblm (default wanda); with --structure: "
                         "flap, wanda, taylor, l2, l1, random, bn_scale (default: flap on language models, l2 "
-                        "otherwise); layers: block_influence (default), random; experts: frequency (default), "
+                        "otherwise); width also slicegpt (PCA rotation, Llama-style decoders); layers: "
+                        "block_influence (default), random; experts: frequency (default), "
                         "reap, easy_ep, greedy, router_norm, random")
     p.add_argument("--structure", choices=["channels", "neurons", "heads", "width", "layers", "experts"],
                    help="remove whole structures instead of single weights: channels (hidden width on "

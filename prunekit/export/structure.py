@@ -138,6 +138,11 @@ def _input_embeddings(model: nn.Module) -> nn.Module | None:
 def structure_record(model: nn.Module, uniform: bool) -> dict[str, Any]:
     """What rebuilding ``model`` needs: every tensor's shape, the format, and whether its
     config alone describes it."""
+    from ..structural.slicegpt import sliced_blocks
+
     is_hf = hasattr(model, "save_pretrained") and hasattr(model, "config")
-    return {"format": "huggingface" if is_hf else "state_dict", "uniform": uniform,
-            "shapes": {n: list(t.shape) for n, t in model.state_dict(keep_vars=True).items()}}
+    record = {"format": "huggingface" if is_hf else "state_dict", "uniform": uniform,
+              "shapes": {n: list(t.shape) for n, t in model.state_dict(keep_vars=True).items()}}
+    if blocks := sliced_blocks(model):  # rebuilt with their shortcut matrices (prunekit.structural.slicegpt)
+        record["slicegpt_blocks"] = blocks
+    return record

@@ -70,6 +70,10 @@ def load_structured(path: str | Path, model: nn.Module | None = None, dtype: tor
         model = cls(config).to(dtype)
     elif model is None:
         raise ModelLoadError(f"{path} holds a plain PyTorch state dict: pass model=<a fresh instance of its architecture>")
+    if record.get("slicegpt_blocks"):  # layers whose residual carries SliceGPT's shortcut matrices
+        from ..structural.slicegpt import add_shortcuts
+
+        add_shortcuts(model, record["slicegpt_blocks"])
     resize_to(model, record)
     files = sorted(path.glob("*.safetensors"))
     if not files:

@@ -59,6 +59,10 @@ def prune_structure(model: nn.Module, config: StructureConfig, *, data: Any = No
     if example is None:
         raise ConfigError("structural pruning traces one forward pass: pass example_inputs=... or calibration data")
     options = RunOptions(device=device, progress=progress, desc=f"statistics ({config.method})")
+    if config.method == "slicegpt":  # rotates and slices the residual stream: no graph, no unit scores
+        from .slicegpt import prune_slicegpt
+
+        return prune_slicegpt(model, config, calib, options, tokenizer, example, plan)
     params_before = count_params(model)
     units = config.structure not in ("layers", "experts")
     # Removing whole blocks or experts needs no graph: trace only for units (and for MACs,
