@@ -27,7 +27,7 @@ the run prints what it removed beside what was asked. N:M keeps exactly N of eve
 WEIGHTS_ONLY = {"sparsity": None, "pattern": "unstructured", "owl_m": None, "owl_lambda": None, "blocksize": None,
                 "damp": None, "sequential": "layer", "unreached": "magnitude", "offload": "none",
                 "refine": "none"}
-STRUCTURE_ONLY = {"ratio": None, "heads": "auto", "round_to": 1, "latency": False, "override": []}
+STRUCTURE_ONLY = {"ratio": None, "heads": "auto", "round_to": 1, "latency": False, "override": [], "blocks": None}
 
 
 class Parser(argparse.ArgumentParser):
@@ -81,10 +81,10 @@ def _prune_parser(sub: Any) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--method", default=None,
-                   help="weights: magnitude, random, wanda, sparsegpt, ria or gblm (default wanda); with --structure: "
-                        "flap, wanda, taylor, l2, l1, random, bn_scale (default: flap on language models, l2 "
-                        "otherwise); width also slicegpt (PCA rotation, Llama-style decoders); layers: "
-                        "block_influence (default), random; experts: frequency (default), "
+                   help="weights: magnitude, random, wanda, sparsegpt, ria or gblm (default wanda); with "
+                        "--structure: flap, wanda, taylor, llm_pruner, l2, l1, random, bn_scale (default: flap on "
+                        "language models, l2 otherwise); width also slicegpt (PCA rotation, Llama-style "
+                        "decoders); layers: block_influence (default), random; experts: frequency (default), "
                         "reap, easy_ep, greedy, router_norm, random")
     p.add_argument("--structure", choices=["channels", "neurons", "heads", "width", "layers", "experts"],
                    help="remove whole structures instead of single weights: channels (hidden width on "
@@ -96,6 +96,9 @@ def _prune_parser(sub: Any) -> None:
                         "query heads from every group (query), or auto (default: kv where every layer has "
                         "several key/value heads, else query)")
     p.add_argument("--round-to", type=int, default=None, help="with --structure: keep a multiple of this many units")
+    p.add_argument("--blocks", default=None, metavar="START:STOP",
+                   help="with --structure neurons or heads: only blocks START..STOP-1 lose units (LLM-Pruner's "
+                        "block-wise range, e.g. 4:30)")
     p.add_argument("--latency", action="store_true", default=None,
                    help="with --structure: also time the dense and the pruned model on one calibration window "
                         "(median of interleaved repeats) and report latency_ms_before/after")

@@ -45,6 +45,18 @@ def _allocation(args: argparse.Namespace) -> Any:
     return Allocation(args.allocation, params=tuple(owl.items()))
 
 
+def _block_range(text: str | None) -> tuple[int, int] | None:
+    """``START:STOP`` -> (start, stop)."""
+    from .errors import ConfigError
+
+    if text is None:
+        return None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"--blocks {text!r}: write START:STOP with block indices, e.g. --blocks 4:30")
+    return int(parts[0]), int(parts[1])
+
+
 def prune_recipe(args: argparse.Namespace) -> Any:
     """The recipe ``prunekit prune`` runs: a saved recipe, or one stage built from the flags."""
     from .config import PruneConfig, Target
@@ -60,6 +72,7 @@ def prune_recipe(args: argparse.Namespace) -> Any:
         stage = StructureConfig.create(
             args.structure, args.ratio, args.method, allocation=args.allocation, ignore=tuple(args.ignore),
             overrides=tuple(_override(o) for o in args.override), heads=args.heads, round_to=args.round_to,
+            blocks=_block_range(args.blocks),
             nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed)
         return one_stage(stage, spec)
     spec = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed, args.batch_size, args.sequential,

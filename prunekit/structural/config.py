@@ -35,6 +35,9 @@ class StructureConfig:
     pairs; the first whose regex matches a group's name sets that group's ratio.
     ``ignore``: regexes of group/parameter names left whole. ``round_to``: keep a
     multiple of this many units per group (e.g. 8 for tensor-core friendly widths).
+    ``blocks``: ``(start, stop)``: only groups inside blocks start..stop-1 lose units (the
+    block-wise range of LLM-Pruner, Ma et al. 2023, which keeps the first and last blocks
+    whole); neurons and heads with uniform allocation.
     """
 
     structure: str = "channels"
@@ -46,6 +49,7 @@ class StructureConfig:
     heads: str = "auto"
     round_to: int = 1
     bias_compensation: bool | None = None
+    blocks: tuple[int, int] | None = None
     nsamples: int = 32
     seqlen: int = 256
     batch_size: int = 4
@@ -68,6 +72,16 @@ class StructureConfig:
                               "or 'auto' (kv where a layer has several key/value heads, else query)")
         if self.round_to < 1:
             raise ConfigError(f"round_to={self.round_to} must be >= 1")
+        if self.blocks is not None:
+            b = tuple(self.blocks)
+            if len(b) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in b) \
+                    or not (0 <= b[0] < b[1]):
+                raise ConfigError(f"blocks={self.blocks!r}: give (start, stop) block indices with 0 <= start < stop "
+                                  "(stop excluded), e.g. (4, 30) as LLM-Pruner prunes")
+            if self.structure not in ("neurons", "heads") or self.allocation != "uniform":
+                raise ConfigError(f"blocks={list(b)} limits which blocks lose units: it goes with --structure "
+                                  f"neurons or heads and uniform allocation, not {self.structure}/{self.allocation}")
+            object.__setattr__(self, "blocks", b)
         for pattern, ratio in self.overrides:
             _regex(pattern)
             if not (0.0 <= float(ratio) < 1.0):
@@ -98,6 +112,13 @@ class StructureConfig:
         for pattern, ratio in self.overrides:
             if re.search(pattern, group):
                 return float(ratio)
+        if self.blocks is not None:
+            index = re.search(r"(?:^|\.)(\d+)(?:\.|$)", group)  # a block's groups are named <blocks>.<i>.<...>
+            if index is None:
+                raise ConfigError(f"group {group!r} is not inside a numbered block, so blocks={list(self.blocks)} "
+                                  "cannot place it; use overrides instead")
+            if not (self.blocks[0] <= int(index.group(1)) < self.blocks[1]):
+                return 0.0
         return float(self.ratio)
 
     def ignored(self, name: str) -> bool:
@@ -108,6 +129,7 @@ class StructureConfig:
         d.pop("extra")
         d["overrides"] = [list(o) for o in self.overrides]
         d["ignore"] = list(self.ignore)
+        d["blocks"] = list(self.blocks) if self.blocks is not None else None
         return {"structural": d}
 
     def to_yaml(self) -> str:
@@ -121,6 +143,8 @@ class StructureConfig:
             raise ConfigError(f"unknown structural recipe keys {sorted(unknown)}")
         body["overrides"] = tuple((str(p), float(r)) for p, r in body.get("overrides", ()))
         body["ignore"] = tuple(body.get("ignore", ()))
+        if body.get("blocks") is not None:
+            body["blocks"] = tuple(body["blocks"])
         return cls(**body)
 
     @classmethod

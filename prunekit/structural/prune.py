@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..calibration import CalibrationData, RunOptions, as_calibration
 from ..calibration.data import LossFn
-from ..calibration.gradients import loss_gradients
+from ..calibration.gradients import gradient_moments, loss_gradients
 from ..errors import ConfigError, NoSuchStructure, StructureError
 from ..recipe import one_stage
 from ..result import Result, StructureResult  # noqa: F401 (StructureResult: the old name)
@@ -241,6 +241,11 @@ def _score_all(score: Any, pools: list[list[tuple[Member, ...]]], ctx: ScoreCont
     if "grads" not in score.needs:
         return [score(p, ctx) for p in pools]
     assert data is not None
+    if "fisher" in score.needs:  # second-order scores read the totals: one backward per sample
+        ctx.grads, ctx.fisher = gradient_moments(ctx.model, data)
+        scores = [score(p, ctx) for p in pools]
+        ctx.grads, ctx.fisher = {}, {}
+        return scores
     total = [ctx.zeros(len(p)) for p in pools]
     for batch in data:
         ctx.grads = loss_gradients(ctx.model, data, batches=[batch])

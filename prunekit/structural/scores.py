@@ -25,11 +25,13 @@ UNIT_STRUCTURES = frozenset({"channels", "neurons", "heads", "width"})
 
 @dataclass
 class ScoreContext:
-    """What a score may read: tensors by name, summed gradients, input moments (by consumer
-    weight name), a generator. Scores are created on the device of the model's tensors."""
+    """What a score may read: tensors by name, summed gradients (and, for scores that need
+    ``fisher``, the per-sample squared gradients), input moments (by consumer weight name), a
+    generator. Scores are created on the device of the model's tensors."""
 
     model: nn.Module
     grads: dict[str, Tensor] = field(default_factory=dict)
+    fisher: dict[str, Tensor] = field(default_factory=dict)  # sum over samples of squared gradients
     moments: dict[str, InputStats] = field(default_factory=dict)
     generator: torch.Generator | None = None
 
@@ -148,6 +150,27 @@ def taylor(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
         w = member_slices(ctx.tensor(m.param).float(), units, k)
         total += first_order(w, member_slices(g.float(), units, k)).flatten(1).sum(1)
     return total.pow(2)
+
+
+@register("llm_pruner", needs=("grads", "fisher"),
+          paper="Ma et al. 2023, LLM-Pruner: On the Structural Pruning of Large Language Models (LLM-Pruner)")
+def llm_pruner(units: list[tuple[Member, ...]], ctx: ScoreContext) -> Tensor:
+    """Taylor importance, first + second order, summed.
+
+    Each weight's estimated loss change when it is zeroed, ``|g w - 1/2 F w^2|``, with ``g``
+    the gradient of the summed calibration loss and ``F`` the diagonal empirical Fisher
+    ``sum_n g_n^2`` (per sample) standing for the Hessian's diagonal, as in Ma et al. 2023;
+    the group's importance is the sum over every weight of every coupled member (their
+    element-wise, sum-aggregated variant)."""
+    total = ctx.zeros(len(units))
+    for k, m in enumerate(units[0]):
+        g, f = ctx.grads.get(m.param), ctx.fisher.get(m.param)
+        if g is None or f is None:
+            continue
+        w = member_slices(ctx.tensor(m.param).float(), units, k)  # (units, L, *rest)
+        g, f = member_slices(g.float(), units, k), member_slices(f.float(), units, k)
+        total += (first_order(w, g) - 0.5 * f * w.square()).abs().flatten(1).sum(1)
+    return total
 
 
 def _is_bn_weight(m: Member, ctx: ScoreContext) -> bool:
