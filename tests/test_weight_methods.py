@@ -74,7 +74,7 @@ def test_dsnot_keeps_counts_and_pattern_and_lowers_every_rows_error(spec):
     assert (weight[pruned] == 0).all() and torch.equal(weight[~pruned], problem.dense[~pruned])
     before = expected_error(problem.dense, problem.weight, problem.mean).abs()
     after = expected_error(problem.dense, weight, problem.mean).abs()
-    assert (after <= before + 1e-6).all() and after.sum() < 0.5 * before.sum()
+    assert (after <= before + 1e-6).all() and after.sum() < (0.5 if spec.kind == "unstructured" else 0.8) * before.sum()
     assert not torch.equal(pruned, problem.pruned)
 
 
@@ -86,8 +86,7 @@ def test_dsnot_with_zero_cycles_is_its_initial_mask():
 
 def test_dsnot_keeps_reconstructed_values_and_regrows_dense_ones():
     """On top of a reconstruction (weights that are not the dense ones) survivors keep their
-    reconstructed value (also when pruned and regrown here); a weight pruned at first comes back
-    at its dense value."""
+    reconstructed value; a weight pruned at first comes back at its dense value."""
     problem = _problem(MaskSpec("unstructured", 0.5, "row"))
     shifted = problem.weight + 0.01 * (~problem.pruned)
     weight, pruned = REFINEMENTS.get("dsnot")(RefineProblem(**{**problem.__dict__, "weight": shifted}))
@@ -95,6 +94,22 @@ def test_dsnot_keeps_reconstructed_values_and_regrows_dense_ones():
     assert grown.any()
     torch.testing.assert_close(weight[stayed], shifted[stayed])
     torch.testing.assert_close(weight[grown], problem.dense[grown])
+
+
+def test_dsnot_swaps_by_hand():
+    """One row, error 4 from the pruned weights 0, 1 and 5 (unit means). Cycle 1 grows 1 (its
+    1/var of 1 beats 2/4 and 1/4) and prunes 3 (of the two kept weights that lower the error,
+    the one of least Wanda importance: 0.4*1 < 0.5*2): error 2.6. Cycle 2 grows 0 and prunes 2:
+    error 0.1, below 0.1 of the start, so the row stops."""
+    dense = torch.tensor([[2.0, 1.0, -0.5, -0.4, 3.0, 1.0]])  # (1, 6)
+    pruned = torch.tensor([[True, True, False, False, False, True]])
+    problem = RefineProblem(dense, dense.masked_fill(pruned, 0.0), pruned, torch.ones(6),
+                            torch.tensor([4.0, 1, 1, 1, 1, 4]), torch.tensor([1.0, 1, 2, 1, 1, 1]),
+                            MaskSpec("unstructured", 0.5, "row"), DSnoTParams(cycles=50, threshold=0.1))
+    weight, after = REFINEMENTS.get("dsnot")(problem)
+    assert after.tolist() == [[False, False, True, True, False, True]]
+    torch.testing.assert_close(weight, dense.masked_fill(after, 0.0))
+    torch.testing.assert_close(expected_error(dense, weight, torch.ones(6)), torch.tensor([0.1]))
 
 
 @pytest.mark.parametrize("method,pattern,refine,allocation", [

@@ -4,22 +4,22 @@ so that the row's *expected* reconstruction error shrinks, without any gradient.
 
 For row r with dense weights W, current weights V (zero where pruned) and input means mu,
 the expected error is ``e_r = sum_j (W_rj - V_rj) mu_j``. Each cycle, in every row that is
-still active:
+still active, one weight pruned at first is regrown and one weight kept at first is pruned:
 
-- **grow** the pruned weight j (back to its dense value W_rj; a weight this refinement pruned
-  comes back at its earlier, possibly reconstructed, value) that moves e_r towards zero
+- **grow** the pruned weight j (back to its dense value) that moves e_r towards zero
   (``sign(W_rj mu_j) == sign(e_r)``) most reliably: the largest ``|W_rj mu_j| / var_j``;
-- **prune** one kept weight p whose removal leaves the row's error smaller than before the
-  swap (``|e_r - W_rj mu_j + V_rp mu_p| < |e_r|``), the one of least Wanda importance
-  ``|V_rp| * ||x_p|| / var_p`` (under N:M, from the grown weight's group of M);
-- rows stop when ``|e_r|`` has fallen below ``threshold`` times its starting value, when
-  no swap lowers it, or after ``cycles``.
+- **prune** the kept weight p of least Wanda importance ``|V_rp| * ||x_p||`` whose removal
+  also moves e_r towards zero (under N:M: from the grown weight's group of M, whatever its
+  sign, as there are only M - N candidates);
+- the swap is made only if the row's error ends smaller and on the side it started on (no
+  overshoot); otherwise, or once ``|e_r|`` is below ``threshold`` times its starting value,
+  or after ``cycles``, the row stops.
 
 A swap regrows one weight and prunes one, so the count (and an N:M pattern) is kept
-exactly; with ``cycles=0`` the mask is unchanged. The criteria follow the paper's
-reading (sign of the mean error for growing, a variance-weighted Wanda term for pruning);
-its exact tie rules and thresholds may differ; the defaults are its hyperparameters (50
-cycles, threshold 0.1, variance powers 1).
+exactly; with ``cycles=0`` the mask is unchanged. Kept weights keep their (possibly
+reconstructed) values. As in the authors' code, a weight is regrown or pruned at most once
+and the variance (power 1) weighs only the growing criterion; unlike it, the threshold is
+relative to each row's starting error, not an absolute value in units of the inputs.
 """
 from __future__ import annotations
 
@@ -67,46 +67,44 @@ def dsnot(problem: RefineProblem) -> tuple[Tensor, Tensor]:
     dense = problem.dense.float()  # (out, in)
     weight = problem.weight.float().clone()  # (out, in)
     pruned = problem.pruned.clone()  # (out, in) bool
+    growable, prunable = problem.pruned.clone(), ~problem.pruned  # (out, in) each weight moves once at most
     mean = problem.mean.float()  # (in,)
-    var = problem.variance.float().clamp_min(1e-12)  # (in,)
-    # a weight comes back at its dense value, or at its reconstructed one if it was kept at first
-    regrow = torch.where(pruned, dense, weight)  # (out, in)
-    contrib = regrow * mean  # (out, in) what regrowing each weight gives back to the row's output
-    grow_scale = var.pow(-VAR_POWER)  # (in,)
-    prune_weight = problem.norm.float() * var.pow(-VAR_POWER)  # (in,)
+    contrib = dense * mean  # (out, in) what regrowing each pruned weight gives back to the row's output
+    grow_scale = problem.variance.float().clamp_min(1e-12).pow(-VAR_POWER)  # (in,)
+    wanda = weight.abs() * problem.norm.float()  # (out, in) importance of each kept weight
     err = expected_error(dense, weight, mean)  # (out,)
     start = err.abs()
     active = start > 0
     rows = torch.arange(dense.shape[0], device=dense.device)
-    nm = problem.spec.kind == "nm"
     cols = torch.arange(dense.shape[1], device=dense.device)
+    nm = problem.spec.kind == "nm"
     inf = torch.tensor(float("inf"), device=dense.device)
     for _ in range(p.cycles):
         active &= err.abs() > p.threshold * start
         if not bool(active.any()):
             break
         sign = err.sign()[:, None]  # (out, 1)
-        grow = torch.where(pruned & (contrib * sign > 0), (contrib * sign) * grow_scale, -inf)  # (out, in)
+        toward = contrib * sign  # (out, in) > 0 where regrowing moves the error towards zero
+        grow = torch.where(growable & (toward > 0), toward * grow_scale, -inf)  # (out, in)
         g = grow.argmax(dim=1)  # (out,)
         can_grow = grow[rows, g] > -inf
-        after = err - contrib[rows, g]  # (out,) error once g is regrown
-        removal = weight * mean  # (out, in) what pruning each kept weight takes from the row's output
-        lowers = (after[:, None] + removal).abs() < err.abs()[:, None]  # (out, in)
-        candidates = ~pruned & lowers
-        candidates[rows, g] = False
+        removal = weight * mean  # (out, in) what pruning each kept weight adds to the row's error
+        after = (err - contrib[rows, g])[:, None] + removal  # (out, in) the error after each possible swap
+        candidates = prunable & (after * sign >= 0) & (after.abs() < err.abs()[:, None])
         if nm:  # the pruned weight must share the grown one's group of M
             candidates &= (cols[None, :] // problem.spec.m) == (g[:, None] // problem.spec.m)
-        importance = torch.where(candidates, weight.abs() * prune_weight, inf)  # (out, in)
+        else:
+            candidates &= removal * sign < 0
+        importance = torch.where(candidates, wanda, inf)  # (out, in)
         q = importance.argmin(dim=1)  # (out,)
         swap = active & can_grow & (importance[rows, q] < inf)
         if not bool(swap.any()):
             break
-        r = rows[swap]
-        gr, qr = g[swap], q[swap]
-        err[r] = after[r] + removal[r, qr]
-        weight[r, gr] = regrow[r, gr]
+        r, gr, qr = rows[swap], g[swap], q[swap]
+        err[r] = after[r, qr]
+        weight[r, gr] = dense[r, gr]
         weight[r, qr] = 0.0
-        pruned[r, gr] = False
-        pruned[r, qr] = True
+        pruned[r, gr], pruned[r, qr] = False, True
+        growable[r, gr], prunable[r, qr] = False, False
         active &= swap
     return weight.to(problem.weight.dtype), pruned
