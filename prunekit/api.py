@@ -18,6 +18,7 @@ from .evaluate import Perplexity, perplexity
 from .export import REPORT_FILE, RECIPE_FILE, save
 from .models.loading import load_model
 from .models.placement import parse_device, place
+from .patterns.permute import PERMUTATIONS_FILE, input_permutations
 from .recipe import Recipe, one_stage, stage_kind, stage_to_dict
 from .result import PruneResult, Result
 
@@ -45,6 +46,10 @@ def load(model: str, *, device: Any = None, dtype: Any = "auto") -> Result:
         except json.JSONDecodeError:
             log.warning("%s is not valid JSON; loading without the report", folder / REPORT_FILE)
     history = [{"kind": stage_kind(s), "config": stage_to_dict(s)} for s in recipe.stages] if recipe else []
+    if (folder / PERMUTATIONS_FILE).is_file():  # N:M groups over permuted inputs: kept for reports and kernels
+        from safetensors.torch import load_file
+
+        input_permutations(m).update(load_file(str(folder / PERMUTATIONS_FILE)))
     return Result(m, recipe, report, history, tok)
 
 

@@ -26,7 +26,7 @@ the run prints what it removed beside what was asked. N:M keeps exactly N of eve
 #: flags that only weight pruning takes, and only structural pruning takes (name -> default)
 WEIGHTS_ONLY = {"sparsity": None, "pattern": "unstructured", "owl_m": None, "owl_lambda": None, "blocksize": None,
                 "damp": None, "sequential": "layer", "unreached": "magnitude", "offload": "none",
-                "refine": "none"}
+                "refine": "none", "permute": False}
 STRUCTURE_ONLY = {"ratio": None, "heads": "auto", "round_to": 1, "latency": False, "override": [], "blocks": None}
 
 
@@ -132,6 +132,11 @@ def _prune_parser(sub: Any) -> None:
                    help="after the mask is chosen (and SparseGPT's update): none (default), or dsnot, training-free "
                         "swaps of kept and pruned weights that shrink each row's expected error (same sparsity "
                         "and N:M pattern)")
+    p.add_argument("--permute", action="store_true", default=None,
+                   help="with an N:M pattern: reorder each layer's input channels before forming the groups of M, "
+                        "so they keep more score (RIA's channel reallocation, then Pool & Yu's swaps); the weights "
+                        "stay in place, the report marks such layers input_permuted and the output saves the orders "
+                        "(a 2:4 kernel needs the inputs reordered)")
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="leave layers whose name matches dense (repeatable)")
     _output(p)

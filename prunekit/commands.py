@@ -82,7 +82,7 @@ def prune_recipe(args: argparse.Namespace) -> Any:
         allocation=_allocation(args), calibration=spec.as_calibration(),
         sparsegpt=SparseGPTParams(args.blocksize or 128, args.damp or 0.01) if (args.blocksize or args.damp) else None,
         target=Target(tuple(args.ignore)), seed=args.seed,
-        unreached=args.unreached, refine=args.refine or "none")
+        unreached=args.unreached, refine=args.refine or "none", permute=bool(args.permute))
     return one_stage(stage, spec)
 
 

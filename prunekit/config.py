@@ -165,6 +165,7 @@ class PruneConfig:
     sparsegpt: Any = None  # SparseGPT's parameters (reconstruct/sparsegpt.py), None: its defaults
     refine: str = "none"  # a mask refinement after reconstruction (prunekit.refine): none or dsnot
     refine_params: Any = None  # its parameters (e.g. refine/dsnot.py's DSnoTParams), None: its defaults
+    permute: bool = False  # N:M only: reorder each layer's input channels before forming groups of M
     target: Target = field(default_factory=Target)
     seed: int = 0
     method: str | None = None
@@ -182,6 +183,11 @@ class PruneConfig:
                 f"sparsity {self.sparsity} is outside [0, 1): it is the fraction of weights removed, "
                 "e.g. 0.5 for half"
             )
+        if not isinstance(self.permute, bool):
+            raise ConfigError(f"permute takes true or false, got {self.permute!r}")
+        if self.permute and self.pattern.kind != "nm":
+            raise ConfigError(f"permute reorders input channels to form better groups of an N:M pattern; "
+                              f"pattern {self.pattern} has no groups: use --pattern 2:4 (or N:M) or drop --permute")
         implied = self.pattern.sparsity
         if implied is not None:
             if abs(self.sparsity - implied) > 1e-9:

@@ -167,7 +167,7 @@ def _build(where: str, cls: type, kwargs: dict[str, Any]) -> Any:
 # -- stages ------------------------------------------------------------------------------
 STAGE_KINDS = ("structure", "weights", "training", "recovery")
 _WEIGHTS_KEYS = {"method", "score", "reconstruction", "sparsity", "pattern", "allocation", "sparsegpt", "ignore",
-                 "unreached", "seed", "refine", "refine_params"}
+                 "unreached", "seed", "refine", "refine_params", "permute"}
 
 
 def stage_kind(stage: Any) -> str:
@@ -237,6 +237,8 @@ def _weights(where: str, body: dict[str, Any], spec: CalibrationSpec) -> PruneCo
             kw["target"] = Target(tuple([ignore] if isinstance(ignore, str) else ignore))
         if "unreached" in body:
             kw["unreached"] = body["unreached"]
+        if "permute" in body:
+            kw["permute"] = body["permute"]
         if "method" in body:
             if "score" in body or "reconstruction" in body:
                 raise ConfigError("give a method preset or score/reconstruction, not both")
@@ -292,6 +294,8 @@ def stage_to_dict(stage: Any) -> dict[str, Any]:
         out["allocation"] = c.allocation.to_dict()
         if c.sparsegpt is not None:
             out["sparsegpt"] = {"blocksize": c.sparsegpt.blocksize, "damp": c.sparsegpt.damp}
+        if c.permute:
+            out["permute"] = True
         if c.refine != "none":
             out["refine"] = c.refine
             if c.refine_params is not None:

@@ -1,6 +1,6 @@
 """The next tier of one-shot weight pruning on real SmolLM2-135M, beside the baselines each
 paper claims to beat: RIA and GBLM against Wanda, DSnoT on top of Wanda and SparseGPT, at 50%
-unstructured and 2:4. Perplexity on held-out text, seconds and peak memory of each run.
+unstructured and 2:4, and channel permutation under 2:4. Perplexity on held-out text, seconds and peak memory of each run.
 
 Every run is a fresh ``prunekit prune ... --json`` process (peak RSS per run, from VmHWM), then
 ``prunekit eval`` on the saved model. Writes benchmarks/results/methods_weights.{json,md}.
@@ -33,6 +33,12 @@ JOBS = [
     ("sparsegpt", ["--method", "sparsegpt"], None),
     ("sparsegpt + dsnot", ["--method", "sparsegpt", "--refine", "dsnot"], "sparsegpt"),
 ]
+#: N:M with channel permutation (RIA's paper pairs it with its score), beside the same run unpermuted
+PERMUTED = [
+    ("wanda + permute", ["--method", "wanda", "--permute"], "wanda"),
+    ("ria + permute", ["--method", "ria", "--permute"], "ria"),
+    ("sparsegpt + permute", ["--method", "sparsegpt", "--permute"], "sparsegpt"),
+]
 
 
 def main() -> None:
@@ -54,6 +60,9 @@ def main() -> None:
             for label, flags, base in JOBS if args.only is None or label in args.only]
     if "unstructured" in args.patterns and (args.only is None or "gblm + owl" in args.only):
         jobs.append(("gblm + owl", ["--method", "gblm", "--allocation", "owl"], "wanda", "unstructured"))
+    for label, flags, base in PERMUTED:  # channel permutation exists for N:M only
+        jobs += [(label, flags + ["--pattern", pattern], base, pattern) for pattern in args.patterns
+                 if pattern != "unstructured" and (args.only is None or label in args.only)]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="prunekit-methods-") as tmp:
         dense = run_json([py, "-m", "prunekit.cli", "eval", model_dir, *eval_flags])

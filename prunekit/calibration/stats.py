@@ -8,6 +8,8 @@ deviation 1 keeps its variance: the naive ``E[x^2] - E[x]^2`` cancels it away in
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -103,6 +105,14 @@ class InputStats:
         if self.mean is not None:
             self._merge(other.tokens, other.mean, other.m2)
         self.tokens += other.tokens
+
+    def permuted(self, perm: Tensor) -> InputStats:
+        """The same statistics with the features taken in the order ``perm`` (dim,)."""
+        out = copy.copy(self)  # shares nothing that is rewritten below
+        take = lambda t: None if t is None else t[perm]  # noqa: E731
+        out.gram = None if self.gram is None else self.gram[perm][:, perm]  # (in, in)
+        out.sq, out.mean, out.m2 = take(self.sq), take(self.mean), take(self.m2)
+        return out
 
     def _squares(self) -> Tensor:
         return self.gram.diagonal() if self.gram is not None else self.sq

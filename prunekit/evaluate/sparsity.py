@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..models import find_blocks
-from ..patterns import is_nm
+from ..patterns.permute import PERMS_ATTR, PERMUTATIONS_FILE, is_nm_permuted
 from ..targets import select_layers, weight_2d
 
 
@@ -22,7 +22,10 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 @torch.no_grad()
 def sparsity_report(model: nn.Module, nm: tuple[int, int] | None = None, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Per-layer and overall sparsity of the prunable layers inside the model's blocks."""
+    """Per-layer and overall sparsity of the prunable layers inside the model's blocks. With
+    ``nm``, each layer's N:M validity, over its permuted input order where it has one
+    (``input_permuted``)."""
+    perms = model.__dict__.get(PERMS_ATTR) or {}
     blocks_name, blocks = find_blocks(model)
     layers: dict[str, Any] = {}
     zeros = numel = 0
@@ -32,7 +35,9 @@ def sparsity_report(model: nn.Module, nm: tuple[int, int] | None = None, ignore:
             z = int(w.numel() - torch.count_nonzero(w))
             entry: dict[str, Any] = {"shape": list(w.shape), "sparsity": z / w.numel()}
             if nm is not None:
-                entry["nm_valid"] = is_nm(w, *nm)
+                entry["nm_valid"] = is_nm_permuted(w, *nm, perms.get(name))
+            if name in perms:
+                entry["input_permuted"] = True
             layers[name] = entry
             zeros += z
             numel += w.numel()
@@ -46,4 +51,11 @@ def sparsity_report(model: nn.Module, nm: tuple[int, int] | None = None, ignore:
     }
     if nm is not None:
         report["nm_valid"] = all(e["nm_valid"] for e in layers.values())
+    permuted = sum(1 for e in layers.values() if e.get("input_permuted"))
+    if permuted:
+        report["input_permuted_layers"] = permuted
+        report["input_permuted_note"] = (
+            f"{permuted} layers hold their N:M groups over permuted inputs (saved in {PERMUTATIONS_FILE}): "
+            "a sparse N:M kernel needs x[..., perm] for them, or the permutation folded into the layer "
+            "that produces x; dense inference is unchanged")
     return report

@@ -41,7 +41,8 @@ def save(result: Any, path: str | Path, *, overwrite: bool = False) -> Path:
     (weights, config, tokenizer) for HF models, ``model.safetensors`` for plain PyTorch ones;
     ``prunekit_recipe.yaml`` (every stage that produced the model, replayable);
     ``prunekit_report.json``; and, when the architecture changed, ``prunekit_structure.json``
-    (every tensor's shape; written non-uniform only when no config describes the model)."""
+    (every tensor's shape; written non-uniform only when no config describes the model); and
+    ``prunekit_permutations.safetensors`` when N:M groups were formed over permuted inputs."""
     from .structure import STRUCTURE_FILE, fit_hf_config, structure_record
 
     out = check_output(path, overwrite)
@@ -55,6 +56,9 @@ def save(result: Any, path: str | Path, *, overwrite: bool = False) -> Path:
                     "size as in BERT); %s reloads with prunekit.load(path), as the class it was saved from, "
                     "not with plain from_pretrained", type(model).__name__, out)
     recipe_yaml = result.recipe.to_yaml() if result.recipe is not None else None
+    from ..patterns.permute import PERMS_ATTR, PERMUTATIONS_FILE
+
+    perms = model.__dict__.get(PERMS_ATTR) or {}
 
     def write(tmp: Path) -> None:
         if is_hf:
@@ -69,6 +73,10 @@ def save(result: Any, path: str | Path, *, overwrite: bool = False) -> Path:
             (tmp / STRUCTURE_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         if recipe_yaml is not None:
             (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
+        if perms:  # layers whose N:M groups are over permuted inputs: the orders a sparse kernel needs
+            from safetensors.torch import save_file
+
+            save_file({n: p.detach().cpu().clone() for n, p in perms.items()}, str(tmp / PERMUTATIONS_FILE))
         (tmp / REPORT_FILE).write_text(json.dumps(result.report, indent=2, default=str) + "\n", encoding="utf-8")
 
     return write_dir_atomically(out, write, replace=True)

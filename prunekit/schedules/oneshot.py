@@ -13,12 +13,13 @@ from torch import nn
 from ..allocation import ALLOCATIONS, LayerRef
 from ..calibration import CalibrationData, InputStats, RunOptions, as_calibration, run_sequential
 from ..config import PruneConfig
-from ..errors import DataError, UnsupportedModelError
+from ..errors import ConfigError, DataError, UnsupportedModelError
 from ..models import find_blocks
 from ..patterns import MaskSpec, check_nm_shape
+from ..patterns.permute import channel_permutation, input_permutations
 from ..reconstruct import RECONSTRUCTIONS, GroupProblem, Segment
 from ..reconstruct.base import inverse_factor
-from ..reconstruct.mask_only import choose_masks
+from ..reconstruct.mask_only import choose_masks, element_scores
 from ..refine import REFINEMENTS, RefineProblem
 from ..scoring import SCORES, LayerStats, Score
 from ..resolve import check_weights, sparsegpt_params
@@ -38,6 +39,7 @@ class Plan:
     score: Score
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) loss gradients, for taylor
     dense: dict[str, list[int]] = field(default_factory=dict)  # parameters no supported layer holds: left dense
+    input_perms: dict[str, torch.Tensor] = field(default_factory=dict)  # (in,) N:M channel order, permuted layers
 
     @property
     def all_layers(self) -> dict[str, Target]:
@@ -64,6 +66,7 @@ class OneShotOutcome:
     unreached: dict[str, str] = field(default_factory=dict)
     left_dense: dict[str, list[int]] = field(default_factory=dict)
     dead_inputs: dict[str, str] = field(default_factory=dict)  # layers whose inputs were all zero
+    input_perms: dict[str, torch.Tensor] = field(default_factory=dict)  # layers whose N:M groups are permuted
 
 
 def make_plan(model: nn.Module, config: PruneConfig) -> Plan:
@@ -130,8 +133,61 @@ def prune_group(plan: Plan, targets: dict[str, Target], names: list[str], amount
                 stats: LayerStats, inputs: InputStats | None, score: Score | None = None) -> None:
     """Prune layers that share one input and write the result back. Scores and repairs are
     computed in float32 (at least); weights keep their own dtype. Masks alone are applied in
-    place, layer by layer; a reconstruction solves the layers as one stacked problem."""
+    place, layer by layer; a reconstruction solves the layers as one stacked problem.
+
+    With ``permute`` (N:M only), the group's input channels are first reordered so that its
+    groups of M keep the most score (patterns/permute.py); the masks are chosen, repaired and
+    refined in that order, the weights are put back in the model's own order, and the
+    permutation is kept in ``plan.input_perms`` for the report and the saved result."""
     score = score or plan.score
+    grads = {n: plan.grads[n] for n in names if n in plan.grads}
+    perm = group_permutation(plan, targets, names, stats, inputs, score, grads) if plan.config.permute else None
+    if perm is None:
+        for n in names:  # pruned again in the layout's own order: an earlier permutation no longer holds
+            plan.input_perms.pop(n, None)
+        _prune_group(plan, targets, names, amounts, stats, inputs, score, grads)
+        return
+    inverse = perm.argsort()  # (in,)
+    for n in names:
+        targets[n].set_weight(targets[n].weight()[:, perm])
+    try:
+        _prune_group(plan, targets, names, amounts, stats.permuted(perm),
+                     None if inputs is None else inputs.permuted(perm), score,
+                     {n: g[:, perm] for n, g in grads.items()})
+    finally:
+        for n in names:
+            targets[n].set_weight(targets[n].weight()[:, inverse])
+    plan.input_perms.update({n: perm.cpu() for n in names})
+
+
+def group_permutation(plan: Plan, targets: dict[str, Target], names: list[str], stats: LayerStats,
+                      inputs: InputStats | None, score: Score, grads: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """(in,) the input order under which the group's N:M masks keep the most score (one order
+    for all layers that read the input), or None where the layout's own order is as good."""
+    stacked, segments = _stack(plan, targets, names, {n: plan.config.sparsity for n in names})
+    if inputs is not None and inputs.dim != stacked.shape[1]:
+        raise ConfigError(f"permute reorders the input features of Linear layers; {names[0]} has "
+                          f"{stacked.shape[1]} weight columns for {inputs.dim} input features "
+                          "(a convolution); drop permute for this model or --ignore the layer")
+    if grads:
+        stats = replace(stats, grad=torch.cat([grads[n] for n in names]))
+    problem = GroupProblem(stacked, segments, score, stats, inputs, sparsegpt_params(plan.config))
+    pattern = plan.config.pattern
+    perm = channel_permutation(element_scores(problem), pattern.n, pattern.m, generator=plan.generator(names[0]))
+    return None if bool((perm == torch.arange(perm.numel(), device=perm.device)).all()) else perm
+
+
+def _stack(plan: Plan, targets: dict[str, Target], names: list[str],
+           amounts: dict[str, float]) -> tuple[torch.Tensor, tuple[Segment, ...]]:
+    """The group's float32 weights stacked along rows (sum of outs, in), and each layer's rows."""
+    weights = [targets[n].weight().float() for n in names]  # each (out_i, in)
+    bounds = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()
+    segments = tuple(Segment(bounds[k], bounds[k + 1], plan.spec(amounts[n])) for k, n in enumerate(names))
+    return (weights[0] if len(weights) == 1 else torch.cat(weights)), segments
+
+
+def _prune_group(plan: Plan, targets: dict[str, Target], names: list[str], amounts: dict[str, float],
+                 stats: LayerStats, inputs: InputStats | None, score: Score, grads: dict[str, torch.Tensor]) -> None:
     reconstruction = plan.config.reconstruction if inputs is not None else "none"
     params = sparsegpt_params(plan.config)
     refine = plan.config.refine if inputs is not None else "none"
@@ -140,7 +196,7 @@ def prune_group(plan: Plan, targets: dict[str, Target], names: list[str], amount
         for n in names:
             live = targets[n].weight()  # (out, in) view of the parameter
             seg = Segment(0, live.shape[0], plan.spec(amounts[n]))
-            layer_stats = replace(stats, grad=plan.grads.get(n))
+            layer_stats = replace(stats, grad=grads.get(n))
             problem = GroupProblem(live.float(), (seg,), score, layer_stats, inputs, params, shared)
             pruned = choose_masks(problem)
             if refine == "none":
@@ -149,12 +205,9 @@ def prune_group(plan: Plan, targets: dict[str, Target], names: list[str], amount
                 dense = live.float()
                 targets[n].set_weight(refined(plan, dense, dense.masked_fill(pruned, 0.0), pruned, seg.spec, inputs))
         return
-    weights = [targets[n].weight().float() for n in names]  # each (out_i, in)
-    bounds = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()
-    segments = tuple(Segment(bounds[k], bounds[k + 1], plan.spec(amounts[n])) for k, n in enumerate(names))
-    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)  # reconstructions never write into it
-    if plan.grads:
-        stats = replace(stats, grad=torch.cat([plan.grads[n] for n in names]))
+    stacked, segments = _stack(plan, targets, names, amounts)  # reconstructions never write into stacked
+    if grads:
+        stats = replace(stats, grad=torch.cat([grads[n] for n in names]))
     problem = GroupProblem(stacked, segments, score, stats, inputs, params)
     new_weight, pruned = RECONSTRUCTIONS.get(reconstruction)(problem)
     for n, seg in zip(names, segments):
@@ -205,12 +258,13 @@ def prune_oneshot(model: nn.Module, config: PruneConfig, data: Any = None, *, pr
     where blocks compute (None: where the model is); the model stays where it is.
     """
     plan = make_plan(model, config)
+    plan.input_perms = input_permutations(model)  # the model's own record, updated in place
     if {"grad", "grad_l2"} & plan.score.needs:
         plan.grads = target_gradients(model, plan.all_layers, _calibration(data, config, f"score {config.score!r}"),
                                       per_sample_l2="grad_l2" in plan.score.needs)
     amounts = allocate(model, plan, data, progress, device)
     targets = plan.all_layers
-    outcome = OneShotOutcome(amounts, left_dense=plan.dense)
+    outcome = OneShotOutcome(amounts, left_dense=plan.dense, input_perms=plan.input_perms)
     needs_hessian = "hessian" in plan.score.needs or config.reconstruction == "sparsegpt"
     if not (plan.score.needs or config.reconstruction != "none"):
         _prune_data_free(plan, targets, list(targets), amounts, plan.score)

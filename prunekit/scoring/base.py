@@ -43,6 +43,12 @@ class LayerStats:
         grad = None if self.grad is None else self.grad[:, i1:i2]
         return LayerStats(cut(self.input_norm), cut(self.hinv_sqrt_diag), self.generator, grad)
 
+    def permuted(self, perm: Tensor) -> LayerStats:
+        """Statistics of the inputs taken in the order ``perm`` (in,) (N:M channel permutation)."""
+        take = lambda t: None if t is None else t[perm]  # noqa: E731
+        grad = None if self.grad is None else self.grad[:, perm]
+        return LayerStats(take(self.input_norm), take(self.hinv_sqrt_diag), self.generator, grad)
+
 
 ScoreFn = Callable[[Tensor, LayerStats], Tensor]
 
