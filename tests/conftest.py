@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -94,19 +95,21 @@ def tiny_model(family: str, vocab: int = 256, seed: int = 0) -> torch.nn.Module:
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
 
 
-def tiny_moe(kind: str, experts: int = 4, seed: int = 0) -> torch.nn.Module:
-    """A tiny random mixture-of-experts decoder with fused 3-D expert tensors (transformers 5)."""
+def tiny_moe(kind: str, experts: int = 4, seed: int = 0, vocab: int = 256, hidden: int = 64) -> torch.nn.Module:
+    """A tiny random mixture-of-experts decoder with fused 3-D expert tensors (transformers 5):
+    2 blocks, top-2, experts of width ``hidden // 2`` (Mixtral's: ``hidden``)."""
     import transformers as tf
 
-    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, num_experts_per_tok=2)
     if kind == "mixtral":
-        cfg = tf.MixtralConfig(**common, intermediate_size=64, num_local_experts=experts)
+        cfg = tf.MixtralConfig(**common, intermediate_size=hidden, num_local_experts=experts)
     elif kind == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=32,
-                                shared_expert_intermediate_size=32, num_experts=experts)
+        cfg = tf.Qwen2MoeConfig(**common, intermediate_size=hidden, moe_intermediate_size=hidden // 2,
+                                shared_expert_intermediate_size=hidden // 2, num_experts=experts)
     elif kind == "olmoe":
-        cfg = tf.OlmoeConfig(**common, intermediate_size=32, num_experts=experts, eos_token_id=1, pad_token_id=0)
+        cfg = tf.OlmoeConfig(**common, intermediate_size=hidden // 2, num_experts=experts, eos_token_id=1,
+                             pad_token_id=0)
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)
@@ -162,3 +165,21 @@ def last_json(out: str):
     import json
 
     return json.loads(out.strip().splitlines()[-1])
+
+
+class MaskRouter(TorchFunctionMode):
+    """Reference for expert removal: the logits that router weight ``weights[i]`` gives the
+    experts ``drop[i]`` are -inf, so no token reaches them."""
+
+    def __init__(self, weights, drop):
+        super().__init__()
+        self.weights, self.drop = weights, drop
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") == "linear" and len(args) > 1:
+            for w, drop in zip(self.weights, self.drop):
+                if args[1] is w and drop:
+                    out = out.clone()
+                    out[..., drop] = float("-inf")
+        return out

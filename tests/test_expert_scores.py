@@ -8,9 +8,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from conftest import last_json, run_cli
+from conftest import MaskRouter, last_json, run_cli, tiny_moe
 from prunekit.calibration import CalibrationData, RunOptions
 from prunekit.errors import ConfigError, StructureError
 from prunekit.structural import prune_structure
@@ -23,21 +22,7 @@ OPTS = RunOptions(progress=False)
 
 def moe(kind: str, experts: int = 4, seed: int = 0, vocab: int = 128) -> torch.nn.Module:
     """A tiny random MoE decoder, hidden 32, 2 blocks, top-2."""
-    import transformers as tf
-
-    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, num_experts_per_tok=2)
-    if kind == "mixtral":
-        cfg = tf.MixtralConfig(**common, intermediate_size=48, num_local_experts=experts)
-    elif kind == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(**common, intermediate_size=48, moe_intermediate_size=24,
-                                shared_expert_intermediate_size=24, num_experts=experts)
-    elif kind == "olmoe":
-        cfg = tf.OlmoeConfig(**common, intermediate_size=24, num_experts=experts, eos_token_id=1, pad_token_id=0)
-    else:
-        raise ValueError(kind)
-    torch.manual_seed(seed)
-    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_moe(kind, experts, seed, vocab, hidden=32)
 
 
 IDS = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(3))
@@ -118,23 +103,6 @@ def test_easy_ep_is_reap_times_count_without_token_weights(monkeypatch):
         _, idx = hand_routing(mlp, x)
         count = torch.bincount(idx.reshape(-1), minlength=4).float()
         torch.testing.assert_close(e, r * count, rtol=1e-4, atol=1e-6)
-
-
-class MaskRouter(TorchFunctionMode):
-    """Reference: the logits of ``drop[i]`` from router weight ``weights[i]`` are -inf."""
-
-    def __init__(self, weights, drop):
-        super().__init__()
-        self.weights, self.drop = weights, drop
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") == "linear" and len(args) > 1:
-            for w, drop in zip(self.weights, self.drop):
-                if args[1] is w and drop:
-                    out = out.clone()
-                    out[..., drop] = float("-inf")
-        return out
 
 
 def brute_force_errors(mlp, x, dropped):

@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from conftest import FAMILIES, tiny_model, tiny_moe
+from conftest import FAMILIES, MaskRouter, tiny_model, tiny_moe
 from prunekit.errors import ConfigError, NoSuchStructure, StructureError
 from prunekit.models.zoo import ZOO, example_input
 from prunekit.structural import StructureConfig, build_graph, mask_units, prune_structure, remove_units
@@ -137,23 +136,6 @@ def test_layer_removal_equals_skipping(family):
     torch.testing.assert_close(logits(pruned, IDS), logits(skipped, IDS), rtol=1e-5, atol=1e-5)
 
 
-class _MaskRouter(TorchFunctionMode):
-    """Reference for expert removal: the router's logits for dropped experts are -inf."""
-
-    def __init__(self, weights, drop):
-        super().__init__()
-        self.weights, self.drop = weights, drop
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") == "linear" and len(args) > 1:
-            for w, drop in zip(self.weights, self.drop):
-                if args[1] is w:
-                    out = out.clone()
-                    out[..., drop] = float("-inf")
-        return out
-
-
 def moe_model(kind):
     return tiny_moe(kind)
 
@@ -167,7 +149,7 @@ def test_expert_removal_equals_router_masking(kind):
     drops = [g["removed_indices"] for g in result.report["groups"]]
     assert all(len(d) == 2 for d in drops) and result.report["params_after"] < result.report["params_before"]
     routers = [ref.model.layers[i].mlp.gate.weight for i in range(2)]
-    with _MaskRouter(routers, drops):
+    with MaskRouter(routers, drops):
         expected = logits(ref, {"input_ids": data})
     torch.testing.assert_close(logits(model, {"input_ids": data}), expected, rtol=1e-4, atol=1e-4)
     assert model.model.layers[0].mlp.gate.weight.shape[0] == 2
