@@ -42,11 +42,12 @@ def slicegpt(ratio: float, **kw) -> StructureConfig:
 
 
 def sliced_params(d: int, tied: bool) -> int:
-    """Parameters of the sliced tiny Llama by hand: untied embedding and head, (d, d) shortcuts."""
+    """Parameters of the sliced tiny Llama by hand: (d, d) shortcuts in every layer; a tied head
+    stays tied and the final norm gains one (d, d) matrix, an untied head is (V, d)."""
     attn = d * H * HD + 2 * d * KV * HD + H * HD * d
     mlp = 3 * d * I
     per_layer = attn + mlp + 2 * d + 2 * d * d
-    return V * d + L * per_layer + d + V * d
+    return V * d + L * per_layer + d + (d * d if tied else V * d)
 
 
 def test_helpers_by_hand():
@@ -73,7 +74,8 @@ def test_ratio_zero_is_exact(tied):
         out = model(x[:2]).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert result.report["hidden_after"] == D and result.report["exact"]
-    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied and model.config.tie_word_embeddings == tied
+    assert hasattr(model.model.norm, "head_shortcut") == tied
     for layer in model.model.layers:  # rotated, not identity, but orthogonal
         s = layer.attn_shortcut.double()
         torch.testing.assert_close(s @ s.T, torch.eye(D, dtype=torch.float64), rtol=1e-5, atol=1e-5)
@@ -113,8 +115,9 @@ def test_untied_params_fall_in_proportion():
     assert after - L * 2 * 48 * 48 < 0.8 * before
 
 
-def test_save_and_reload_same_outputs(tmp_path):
-    model = tiny_llama(True)
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_and_reload_same_outputs(tmp_path, tied):
+    model = tiny_llama(tied)
     x = ids()
     result = prunekit.prune(model, slicegpt(0.25), x, progress=False)
     with torch.no_grad():
@@ -125,7 +128,10 @@ def test_save_and_reload_same_outputs(tmp_path):
     assert back.recipe.stages[0].method == "slicegpt"
     with torch.no_grad():
         torch.testing.assert_close(back.model(x[:2]).logits, out, rtol=0, atol=0)
-    assert back.model.lm_head.weight is not back.model.model.embed_tokens.weight
+    assert (back.model.lm_head.weight is back.model.model.embed_tokens.weight) == tied  # a tied head stays tied
+    norm = back.model.model.norm
+    assert type(norm).__name__ == ("SlicedLlamaRMSNorm" if tied else "LlamaRMSNorm")
+    assert not tied or norm.head_shortcut.shape == (48, 48)
     twin = copy.deepcopy(back.model)  # still a plain module tree: copies and runs
     with torch.no_grad():
         torch.testing.assert_close(twin(x[:2]).logits, out, rtol=0, atol=0)
