@@ -137,8 +137,9 @@ def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = F
         del dense
     report.update(calib=recipe.calibration.text, model=args.model)
     log.info("saving to %s", args.output)
-    output = str(result.save(args.output, overwrite=args.overwrite))
+    output = str(result.save(args.output, overwrite=args.overwrite, format=args.format))
     from .evaluate import count_params
+    from .export.compact import checkpoint_info
 
     saved = count_params(model)[0]
     kinds = [stage_kind(s) for s in recipe.stages]
@@ -156,7 +157,7 @@ def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = F
     after = measure(model)
     out.update(dense={**dense_size, "macs": report["stages"][0].get("macs_before", dense_macs)},
                pruned_layers_params=after["pruned_layers_params"], sparsity_of=report["stages"][-1]["sparsity_of"],
-               prune_seconds=prune_seconds, output=output)
+               prune_seconds=prune_seconds, output=output, checkpoint=checkpoint_info(output))
     if dense_ppl is not None:
         out.update(perplexity_before=dense_ppl[0].perplexity, dense_eval_cached=dense_ppl[1])
         out["dense"].update(perplexity=dense_ppl[0].perplexity, tokens=dense_ppl[0].tokens)

@@ -25,12 +25,13 @@ class Result:
     history: list[dict[str, Any]] = field(default_factory=list)
     tokenizer: Any = field(default=None, repr=False)
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+    def save(self, path: str | Path, *, overwrite: bool = False, format: str = "dense") -> Path:
         """Write weights, tokenizer, recipe, report (and the structure record when the
-        architecture changed) to ``path``, atomically."""
+        architecture changed) to ``path``, atomically; ``format="compact"`` packs sparse
+        weights (bitmask + values, N:M values + positions), reloaded bit-exact by ``prunekit.load``."""
         from .export import save
 
-        return save(self, path, overwrite=overwrite)
+        return save(self, path, overwrite=overwrite, format=format)
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self.tokenizer))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import clean_stale, write_dir_atomically
-from ..errors import OutputError
+from ..errors import ConfigError, OutputError
 
 RECIPE_FILE = "prunekit_recipe.yaml"
 REPORT_FILE = "prunekit_report.json"
@@ -36,15 +36,22 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def save(result: Any, path: str | Path, *, overwrite: bool = False) -> Path:
+def save(result: Any, path: str | Path, *, overwrite: bool = False, format: str = "dense") -> Path:
     """Write a :class:`~prunekit.result.Result` to ``path`` atomically: a Hugging Face directory
     (weights, config, tokenizer) for HF models, ``model.safetensors`` for plain PyTorch ones;
     ``prunekit_recipe.yaml`` (every stage that produced the model, replayable);
     ``prunekit_report.json``; and, when the architecture changed, ``prunekit_structure.json``
     (every tensor's shape; written non-uniform only when no config describes the model); and
-    ``prunekit_permutations.safetensors`` when N:M groups were formed over permuted inputs."""
+    ``prunekit_permutations.safetensors`` when N:M groups were formed over permuted inputs.
+
+    ``format="compact"`` stores the weights at the size of what they keep (bitmask + values, or
+    N:M values + positions; :mod:`prunekit.export.compact`) instead of ``model.safetensors``;
+    a model with nothing sparse to pack (a structurally pruned one) is saved the usual way."""
+    from .compact import FORMATS, write_compact
     from .structure import STRUCTURE_FILE, fit_hf_config, structure_record
 
+    if format not in FORMATS:
+        raise ConfigError(f"unknown checkpoint format {format!r}; use one of {', '.join(FORMATS)}")
     out = check_output(path, overwrite)
     model = result.model
     is_hf = hasattr(model, "save_pretrained") and hasattr(model, "config")
@@ -61,11 +68,18 @@ def save(result: Any, path: str | Path, *, overwrite: bool = False) -> Path:
     perms = model.__dict__.get(PERMS_ATTR) or {}
 
     def write(tmp: Path) -> None:
+        packed = format == "compact" and write_compact(tmp, model.state_dict()) is not None
         if is_hf:
-            model.save_pretrained(tmp)
+            if packed:  # the config (and generation config) describe it; the weights are packed
+                model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+                model.config.save_pretrained(tmp)
+                if getattr(model, "generation_config", None) is not None and model.can_generate():
+                    model.generation_config.save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp)
             if result.tokenizer is not None:
                 result.tokenizer.save_pretrained(tmp)
-        else:
+        elif not packed:
             from safetensors.torch import save_model
 
             save_model(model, str(tmp / WEIGHTS_FILE))

@@ -119,18 +119,20 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto") -> tuple[nn.Module,
     :func:`prunekit.models.placement.parse_dtype`). The tokenizer is None if the model has none."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ..export.compact import compact_dtype, is_compact
     from .rebuild import load_structured, read_record
     from .placement import parse_dtype
 
     dtype = parse_dtype(dtype)
     source = resolve(spec)
     record = read_record(source) if Path(source).is_dir() else None
+    compact = Path(source).is_dir() and is_compact(source)
     try:
-        if record is not None and not record.get("uniform"):
+        if compact or (record is not None and not record.get("uniform")):
             if dtype == "auto":
-                stored = getattr(AutoConfig.from_pretrained(source), "dtype", None)
+                stored = compact_dtype(source) if compact else getattr(AutoConfig.from_pretrained(source), "dtype", None)
                 dtype = stored if isinstance(stored, torch.dtype) else torch.float32
-            model = load_structured(source, dtype=dtype)  # per-layer sizes differ from the config
+            model = load_structured(source, dtype=dtype)  # per-layer sizes differ from the config, or packed weights
         else:
             model = saved_class(source, AutoModelForCausalLM).from_pretrained(source, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - report every loader failure the same way

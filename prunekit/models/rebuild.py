@@ -53,10 +53,12 @@ def load_structured(path: str | Path, model: nn.Module | None = None, dtype: tor
     Hugging Face directories rebuild from their config (``model`` not needed); a plain
     PyTorch result needs ``model``: a fresh instance of the unpruned architecture.
     """
-    from safetensors.torch import load_file
+    from ..export.compact import is_compact
 
     path = Path(path)
     record = read_record(path)
+    if record is None and is_compact(path):  # a compact checkpoint whose config describes the model
+        record = {"format": "huggingface" if model is None else "state_dict", "shapes": {}}
     if record is None:
         raise ModelLoadError(f"{path} has no {STRUCTURE_FILE}; it is not a structurally pruned prunekit result")
     if record.get("format") == "huggingface":
@@ -75,12 +77,7 @@ def load_structured(path: str | Path, model: nn.Module | None = None, dtype: tor
 
         add_shortcuts(model, record["slicegpt_blocks"])
     resize_to(model, record)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{path} has no .safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    state = read_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if _is_tied(model, k)}
     if set(missing) - tied or unexpected:
@@ -89,6 +86,24 @@ def load_structured(path: str | Path, model: nn.Module | None = None, dtype: tor
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict saved in ``path``: a compact checkpoint decoded, or every ``*.safetensors``
+    weights file (not prunekit's side files)."""
+    from safetensors.torch import load_file
+
+    from ..export.compact import is_compact, read_compact_state
+
+    if is_compact(path):
+        return read_compact_state(path)
+    files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("prunekit_"))
+    if not files:
+        raise ModelLoadError(f"{path} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:
