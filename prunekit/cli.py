@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="prunekit", description="Prune PyTorch models.", epilog=EPILOG,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,run,eval,delta,merge,list}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,run,eval,bench,delta,merge,list}")
     _prune_parser(sub)
 
     r = sub.add_parser("run", help="run every stage of a YAML recipe on one model and save the result", epilog=EPILOG,
@@ -229,6 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate at most this many tokens; --max-tokens is the older name")
     _placement(e)
     _common(e)
+
+    b = sub.add_parser("bench", help="measured speed and size: a model beside its pruned versions",
+                       epilog="Timings are interleaved across the models round by round (medians), so their ratios "
+                              "hold on a busy machine; peak memory is measured per model in a fresh process.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("model", metavar="MODEL", help="the baseline (usually the dense model): ratios are against it")
+    b.add_argument("pruned", nargs="*", metavar="PRUNED", help="pruned models (saved directories) to compare")
+    b.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (default 128)")
+    b.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps timed per batch (default 32)")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 8], metavar="B",
+                   help="decode batch sizes (default 1 8)")
+    b.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians are reported (default 5)")
+    b.add_argument("--layers", action="store_true", help="also time every block of the prefill")
+    b.add_argument("--no-peak-memory", action="store_true",
+                   help="skip the per-model peak-memory runs (each loads the model again in a fresh process)")
+    _placement(b)
+    _common(b)
 
     _delta_parsers(sub)
 
@@ -309,6 +326,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
     run = {"prune": commands.cmd_prune, "run": commands.cmd_run, "eval": commands.cmd_eval,
+           "bench": commands.cmd_bench,
            "list": commands.cmd_list, "delta": commands.cmd_delta, "merge": commands.cmd_merge}[args.command]
     try:
         out = run(args)

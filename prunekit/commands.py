@@ -271,6 +271,36 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
 
 
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """``bench MODEL [PRUNED ...]``: prefill latency, decode tokens/s, peak memory, parameters
+    and file size of each model, with ratios against MODEL."""
+    from .errors import ConfigError
+    from .evaluate.bench import BenchConfig, measure, peak_memory, table
+    from .models.loading import load_model
+    from .models.placement import parse_device, parse_dtype, place
+
+    config = BenchConfig(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                         batches=tuple(args.batch), repeats=args.repeats, layers=args.layers,
+                         peak_memory=not args.no_peak_memory)
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    specs = [args.model, *args.pruned]
+    if len(set(specs)) != len(specs):
+        raise ConfigError(f"bench got {sorted({s for s in specs if specs.count(s) > 1})[0]!r} twice; name each model once")
+    models = {}
+    for spec in specs:  # every model is loaded (and checked) before anything is timed
+        log.info("loading %s", spec)
+        model, tokenizer, source = load_model(spec, dtype)
+        place(model, device)
+        models[spec] = (model, tokenizer, source if Path(source).is_dir() else None)
+    out = measure(models, config, progress=not args.quiet)
+    for row in out["models"]:
+        if config.peak_memory:
+            log.info("peak memory of %s (fresh process)", row["label"])
+            row.update(peak_memory(row["label"], str(device), args.dtype, config))
+    out["summary"] = table(out)
+    return out
+
+
 def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
     """``list [KIND] [PATTERN]``: every entry with its description, defaults and paper."""
     from .registry import entries, format_entries
