@@ -13,9 +13,9 @@
 dtype. Tensors that share storage (tied embeddings) are stored once and named in ``aliases``.
 ``prunekit_compact.json`` records the format, every tensor's dtype, shape and encoding, and the
 sha256 of the weights file, so a corrupted or truncated file is an error naming the file, never a
-wrong model. The config, tokenizer, recipe and report are the usual files; a structurally pruned
-model whose tensors are all dense is written the usual way (``model.safetensors``, loadable with
-plain ``from_pretrained``), since there is nothing to pack.
+wrong model. The config, tokenizer, recipe and report are the usual files; a model that packing
+would shrink by less than 1% (a structurally pruned one) is written the usual way
+(``model.safetensors``, loadable with plain ``from_pretrained``).
 """
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ FORMATS = ("dense", "compact")
 GROUP_SIZES = (4, 8)
 #: How much larger than the bitmask encoding an N:M encoding may be and still be chosen.
 NM_SLACK = 0.01
+#: The least fraction of the weights' bytes packing must save to be written (else the usual files,
+#: which plain ``from_pretrained`` loads, are written: e.g. a FLAP result, whose only zeros are the
+#: biases its config switch adds).
+MIN_GAIN = 0.01
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -156,8 +160,8 @@ def _aliases(state: Mapping[str, Tensor]) -> dict[str, str]:
 
 
 def compact_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-    """The tensors to store and the metadata for ``state``; None when every tensor is best
-    stored dense (nothing to pack: save the usual way)."""
+    """The tensors to store and the metadata for ``state``; None when packing saves less than
+    :data:`MIN_GAIN` of the bytes (nothing worth packing: save the usual way)."""
     aliases = _aliases(state)
     stored: dict[str, Tensor] = {}
     tensors: dict[str, Any] = {}
@@ -168,7 +172,9 @@ def compact_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[
         stored.update({name + suffix: v for suffix, v in parts.items()})
         tensors[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "stored": kind,
                          **extra}
-    if all(e["stored"] == "dense" for e in tensors.values()):
+    packed = sum(t.numel() * t.element_size() for t in stored.values())
+    dense = sum(t.numel() * t.element_size() for n, t in state.items() if n not in aliases)
+    if packed > (1 - MIN_GAIN) * dense:  # not worth losing plain from_pretrained for
         return None
     return stored, {"format": FORMAT, "tensors": tensors, "aliases": aliases}
 

@@ -46,7 +46,7 @@ def save(result: Any, path: str | Path, *, overwrite: bool = False, format: str 
 
     ``format="compact"`` stores the weights at the size of what they keep (bitmask + values, or
     N:M values + positions; :mod:`prunekit.export.compact`) instead of ``model.safetensors``;
-    a model with nothing sparse to pack (a structurally pruned one) is saved the usual way."""
+    a model packing would shrink by less than 1% (a structurally pruned one) is saved the usual way."""
     from .compact import FORMATS, write_compact
     from .structure import STRUCTURE_FILE, fit_hf_config, structure_record
 

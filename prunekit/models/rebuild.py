@@ -69,7 +69,7 @@ def load_structured(path: str | Path, model: nn.Module | None = None, dtype: tor
         cls = getattr(transformers, arch, None) if arch else None
         if cls is None:
             raise ModelLoadError(f"{path}: unknown architecture {arch!r} in config.json")
-        model = cls(config).to(dtype)
+        model = cls._from_config(config, dtype=dtype)  # buffers (rotary inv_freq) stay as from_pretrained makes them
     elif model is None:
         raise ModelLoadError(f"{path} holds a plain PyTorch state dict: pass model=<a fresh instance of its architecture>")
     if record.get("slicegpt_blocks"):  # layers whose residual carries SliceGPT's shortcut matrices
