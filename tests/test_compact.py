@@ -14,6 +14,7 @@ import prunekit
 from conftest import last_json, run_cli, tiny_model
 from prunekit import PruneConfig, Recipe, StructureConfig, prune, run
 from prunekit.errors import ConfigError, ModelLoadError
+from prunekit.models.loading import load_model
 from prunekit.export.compact import (COMPACT_META, COMPACT_WEIGHTS, checkpoint_info, decode, encode, nonzero_bits,
                                      pack_bits, unpack_bits)
 
