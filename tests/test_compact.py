@@ -84,7 +84,7 @@ def test_ints_and_empty_tensors():
         assert back.dtype == t.dtype and torch.equal(back, t)
 
 
-def _pruned(tiny_llama_dir, calib_text, config):
+def _pruned(config):
     """A tiny Llama with a 256-token vocabulary (so its linears, not its embeddings, hold most bytes)."""
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
@@ -93,12 +93,12 @@ def _pruned(tiny_llama_dir, calib_text, config):
 
 def _payload_bytes(directory) -> int:
     with safe_open(str(directory / COMPACT_WEIGHTS), framework="pt") as f:
-        return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+        return sum(t.numel() * t.element_size() for t in map(f.get_tensor, f.keys()))
 
 
 @pytest.mark.parametrize("pattern,kind", [("unstructured", "sparse"), ("2:4", "nm")])
-def test_pruned_llm_round_trip_and_size(tiny_llama_dir, calib_text, tmp_path, pattern, kind):
-    result = _pruned(tiny_llama_dir, calib_text, PruneConfig.from_method("wanda", pattern=pattern))
+def test_pruned_llm_round_trip_and_size(tmp_path, pattern, kind):
+    result = _pruned(PruneConfig.from_method("wanda", pattern=pattern))
     dense_dir = result.save(tmp_path / "dense")
     out = result.save(tmp_path / "compact", format="compact")
     assert not (out / "model.safetensors").exists() and (out / COMPACT_META).is_file()
@@ -113,7 +113,7 @@ def test_pruned_llm_round_trip_and_size(tiny_llama_dir, calib_text, tmp_path, pa
     pruned = [n for n in meta["tensors"] if n.endswith("proj.weight")]
     assert pruned and all(meta["tensors"][n]["stored"] == kind for n in pruned)
     assert meta["aliases"] == {}
-    # the size follows from the encodings: 16-bit... here float32 values, plus 1 bit per element
+    # the payload follows from the encodings: kept values plus 1 bit per element (bitmask) or 2 bits per kept value (2:4)
     expected = 0
     for name, e in meta["tensors"].items():
         numel, t = math.prod(e["shape"]), result.model.state_dict()[name]
@@ -126,7 +126,7 @@ def test_pruned_llm_round_trip_and_size(tiny_llama_dir, calib_text, tmp_path, pa
     assert info["file_bytes"] < dense_info["file_bytes"]
 
 
-def test_bf16_stays_bf16(tiny_llama_dir, calib_text, tmp_path):
+def test_bf16_stays_bf16(tiny_llama_dir, tmp_path):
     model, tok, _ = load_model(str(tiny_llama_dir), dtype="bfloat16")
     result = prune(model, "magnitude", progress=False)
     out = result.save(tmp_path / "c", format="compact")
@@ -139,8 +139,8 @@ def test_bf16_stays_bf16(tiny_llama_dir, calib_text, tmp_path):
         assert torch.equal(back.model(x).logits, result.model(x).logits)
 
 
-def test_structured_only_is_saved_as_the_smaller_dense_model(tiny_llama_dir, calib_text, tmp_path):
-    result = _pruned(tiny_llama_dir, calib_text, StructureConfig.create("neurons", 0.25, "l2"))
+def test_structured_only_is_saved_as_the_smaller_dense_model(tmp_path):
+    result = _pruned(StructureConfig.create("neurons", 0.25, "l2"))
     out = result.save(tmp_path / "s", format="compact")
     assert (out / "model.safetensors").is_file() and not (out / COMPACT_META).exists()
     plain = AutoModelForCausalLM.from_pretrained(out)  # plain transformers: the widths are uniform
@@ -148,7 +148,7 @@ def test_structured_only_is_saved_as_the_smaller_dense_model(tiny_llama_dir, cal
     assert checkpoint_info(out)["format"] == "dense"
 
 
-def test_structure_then_sparsity_packs_the_smaller_model(tiny_llama_dir, calib_text, tmp_path):
+def test_structure_then_sparsity_packs_the_smaller_model(tmp_path):
     model = tiny_model("llama")
     recipe = Recipe((StructureConfig.create("neurons", 0.25, "l2"), PruneConfig.from_method("wanda")))
     result = run(recipe, model, torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0)),
@@ -174,8 +174,8 @@ def test_plain_pytorch_model(tmp_path):
     same_bits(net.state_dict(), load_structured(out, model=fresh).state_dict())
 
 
-def test_corrupt_truncated_and_missing_files(tiny_llama_dir, calib_text, tmp_path):
-    result = _pruned(tiny_llama_dir, calib_text, "magnitude")
+def test_corrupt_truncated_and_missing_files(tmp_path):
+    result = _pruned("magnitude")
     out = result.save(tmp_path / "c", format="compact")
     weights = out / COMPACT_WEIGHTS
     data = bytearray(weights.read_bytes())
@@ -195,8 +195,8 @@ def test_corrupt_truncated_and_missing_files(tiny_llama_dir, calib_text, tmp_pat
         prunekit.load(str(out2))
 
 
-def test_unknown_format_writes_nothing(tiny_llama_dir, calib_text, tmp_path):
-    result = _pruned(tiny_llama_dir, calib_text, "magnitude")
+def test_unknown_format_writes_nothing(tmp_path):
+    result = _pruned("magnitude")
     with pytest.raises(ConfigError, match="dense, compact"):
         result.save(tmp_path / "x", format="zip")
     assert not (tmp_path / "x").exists()
