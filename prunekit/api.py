@@ -25,7 +25,7 @@ from .result import PruneResult, Result
 log = logging.getLogger(__name__)
 
 
-def load(model: str, *, device: Any = None, dtype: Any = "auto") -> Result:
+def load(model: str | Path, *, device: Any = None, dtype: Any = "auto") -> Result:
     """Load a model from a local dir (a saved result included), hub id, .gguf file or
     ``default``, in ``dtype`` (``auto``: as stored, or float32/bfloat16/float16), with the
     recipe, report and history it was saved with. With ``device`` (``auto``, ``cpu``,

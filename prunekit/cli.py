@@ -1,5 +1,5 @@
-"""Command line: ``prunekit prune | run | eval | delta | merge | list``. With ``--json`` the last stdout line
-is one JSON object; logs and progress go to stderr. Errors exit with status 2 and write
+"""Command line: ``prunekit prune | run | eval | bench | report | delta | merge | list``. With
+``--json`` the last stdout line is one JSON object; logs and progress go to stderr. Errors exit with status 2 and write
 nothing; Ctrl-C exits with 130."""
 from __future__ import annotations
 
@@ -28,6 +28,27 @@ WEIGHTS_ONLY = {"sparsity": None, "pattern": "unstructured", "owl_m": None, "owl
                 "damp": None, "sequential": "layer", "unreached": "magnitude", "offload": "none",
                 "refine": "none", "permute": False}
 STRUCTURE_ONLY = {"ratio": None, "heads": "auto", "round_to": 1, "latency": False, "override": [], "blocks": None}
+#: the budget flags (prune to a size instead of a ratio); the search sets everything else
+TARGET_FLAGS = ("target_params", "target_macs", "target_latency")
+STRUCTURES = ("channels", "neurons", "heads", "width", "layers", "experts")
+
+
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give an integer or 'auto'") from None
+
+
+def _structures(text: str) -> str:
+    """``--structure`` takes one structure, or a comma list (for a --target-* search)."""
+    names = [t.strip() for t in text.split(",")]
+    bad = [n for n in names if n not in STRUCTURES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"invalid structure {bad[0]!r} (choose from {', '.join(STRUCTURES)})")
+    return ",".join(names)
 
 
 class Parser(argparse.ArgumentParser):
@@ -90,16 +111,30 @@ def _prune_parser(sub: Any) -> None:
                         "language models, l2 otherwise); width also slicegpt (PCA rotation, Llama-style "
                         "decoders); layers: block_influence (default), random; experts: frequency (default), "
                         "reap, easy_ep, greedy, router_norm, random")
-    p.add_argument("--structure", choices=["channels", "neurons", "heads", "width", "layers", "experts"],
+    p.add_argument("--structure", type=_structures, metavar="{channels,neurons,heads,width,layers,experts}",
                    help="remove whole structures instead of single weights: channels (hidden width on "
-                        "transformers), neurons (MLP), heads (attention), layers (blocks), experts (MoE)")
+                        "transformers), neurons (MLP), heads (attention), layers (blocks), experts (MoE); with a "
+                        "--target-*, a comma list of neurons, heads, layers, width to search over, e.g. "
+                        "neurons,heads,layers")
+    p.add_argument("--target-params", type=int, default=None, metavar="N",
+                   help="with --structure: prune to at most N parameters, searching how many neurons, heads and "
+                        "blocks to remove (the candidates tried are in the report)")
+    p.add_argument("--target-macs", type=int, default=None, metavar="N",
+                   help="with --structure: prune to at most N multiply-accumulates per 1x64-token forward")
+    p.add_argument("--target-latency", type=float, default=None, metavar="MS",
+                   help="with --structure: prune until one calibration window's prefill takes at most MS "
+                        "milliseconds on --device (measured)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="with a --target-*: how many mixes of the structures to try (default 8)")
     p.add_argument("--ratio", type=float, default=None, help="with --structure: fraction of units removed, in [0, 1) "
                    "(rounded half up per group)")
     p.add_argument("--heads", default=None, choices=["auto", "kv", "query"],
                    help="with --structure heads: remove whole key/value groups (kv), the same number of "
                         "query heads from every group (query), or auto (default: kv where every layer has "
                         "several key/value heads, else query)")
-    p.add_argument("--round-to", type=int, default=None, help="with --structure: keep a multiple of this many units")
+    p.add_argument("--round-to", default=None, type=_round_to,
+                   help="with --structure: keep a multiple of this many units; with a --target-*, 'auto' (the "
+                        "default there) measures the multiple matmuls run fast at on the device")
     p.add_argument("--blocks", default=None, metavar="START:STOP",
                    help="with --structure neurons or heads: only blocks START..STOP-1 lose units (LLM-Pruner's "
                         "block-wise range, e.g. 4:30)")
@@ -201,13 +236,49 @@ def _delta_parsers(sub: Any) -> None:
     _tensor_selection(m)
 
 
+def _limit(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (N examples, or a fraction below 1)") from None
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _zero_shot_flags(p: argparse.ArgumentParser) -> None:
+    """``eval``'s lm-eval-harness flags (prunekit.evaluate.zero_shot; needs ``pip install lm-eval``)."""
+    p.add_argument("--tasks", default=None, metavar="LIST",
+                   help="also measure accuracy on lm-eval-harness tasks, comma-separated (e.g. boolq,rte); 'paper' is "
+                        "the pruning papers' seven (boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, "
+                        "openbookqa), whose datasets come from the Hugging Face hub (or its cache)")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="with --tasks: a directory of local task YAML files (these run offline)")
+    p.add_argument("--limit", type=_limit, default=None, metavar="N",
+                   help="with --tasks: at most N examples per task (a fraction if below 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="K",
+                   help="with --tasks: examples shown before each question (default 0: zero-shot)")
+    p.add_argument("--no-perplexity", action="store_true", help="with --tasks: skip the perplexity measurement")
+
+
+def _report_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML page (with PNG charts) about a saved result",
+                       epilog="RUN_DIR: the --output DIR of `prunekit prune` or `prunekit run`. Optional in it: "
+                              "prunekit_eval.json (quality) and prunekit_bench.json (`prunekit bench MODEL RUN_DIR "
+                              "--output RUN_DIR/prunekit_bench.json`).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--output", "-o", default=None, metavar="FILE",
+                   help="the HTML file (default RUN_DIR/prunekit_report.html); the charts go beside it as PNGs")
+    p.add_argument("--bench", default=None, metavar="FILE",
+                   help="a `prunekit bench --json` file (default RUN_DIR/prunekit_bench.json when present)")
+    _common(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = Parser(prog="prunekit", description="Prune PyTorch models.", epilog=EPILOG,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,run,eval,bench,delta,merge,list}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,run,eval,bench,report,delta,merge,list}")
     _prune_parser(sub)
 
     r = sub.add_parser("run", help="run every stage of a YAML recipe on one model and save the result", epilog=EPILOG,
@@ -219,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     _placement(r)
     _common(r)
 
-    e = sub.add_parser("eval", help="perplexity and sparsity of a model", epilog=EPILOG,
+    e = sub.add_parser("eval", help="perplexity, sparsity and (--tasks) lm-eval accuracy of a model", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("model", metavar="MODEL")
     e.add_argument("--eval", "--text", dest="eval", default="default", metavar="TEXT",
@@ -227,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--eval-max-tokens", "--max-tokens", dest="eval_max_tokens", type=int, default=None,
                    help="evaluate at most this many tokens; --max-tokens is the older name")
+    _zero_shot_flags(e)
     _placement(e)
     _common(e)
 
@@ -244,9 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", action="store_true", help="also time every block of the prefill")
     b.add_argument("--no-peak-memory", action="store_true",
                    help="skip the per-model peak-memory runs (each loads the model again in a fresh process)")
+    b.add_argument("--sparse-kernels", choices=["auto", "off", "on"], default="auto",
+                   help="also time each pruned model's 2:4 Linear layers through PyTorch's semi-structured kernels "
+                        "(CUDA, compute capability >= 8.0, float16/bfloat16): auto where available (default), "
+                        "on: an error where not, off: never")
+    b.add_argument("--output", "-o", default=None, metavar="FILE",
+                   help="also write the JSON object to FILE (atomically), e.g. RUN_DIR/prunekit_bench.json for "
+                        "`prunekit report RUN_DIR`")
     _placement(b)
     _common(b)
 
+    _report_parser(sub)
     _delta_parsers(sub)
 
     ls = sub.add_parser("list", help="list the registries: methods, scores, patterns, allocations, ...")
@@ -263,11 +343,34 @@ def check_mode_flags(args: argparse.Namespace) -> None:
 
     given = lambda name: getattr(args, name) not in (None, [])  # noqa: E731
     if args.recipe:
-        mode_flags = [n for n in (*WEIGHTS_ONLY, *STRUCTURE_ONLY, "method", "structure", "allocation") if given(n)]
+        mode_flags = [n for n in (*WEIGHTS_ONLY, *STRUCTURE_ONLY, *TARGET_FLAGS, "candidates", "method", "structure",
+                                  "allocation") if given(n)]
         if mode_flags:
             raise ConfigError(f"--recipe replaces the method flags; drop {', '.join(_flag(n) for n in mode_flags)} "
                               "(edit the recipe instead)")
+    elif args.structure and any(given(t) for t in TARGET_FLAGS):
+        targets = [t for t in TARGET_FLAGS if given(t)]
+        if len(targets) > 1:
+            raise ConfigError(f"give one budget, not {' and '.join(_flag(t) for t in targets)}")
+        wrong = [n for n in (*WEIGHTS_ONLY, "ratio", "override", "blocks", "latency") if given(n)]
+        if wrong:
+            raise ConfigError(f"{_flag(wrong[0])} does not go with {_flag(targets[0])}: the budget search chooses "
+                              "how much of each structure goes; remove it")
+        if args.allocation not in (None, "uniform"):
+            raise ConfigError("--allocation does not go with a --target-*: the search removes the same number of "
+                              "units from every group of a structure")
+        if given("candidates") and args.candidates < 1:
+            raise ConfigError(f"--candidates must be >= 1, got {args.candidates}")
+        if args.round_to is None:
+            args.round_to = "auto"
     elif args.structure:
+        if "," in args.structure:
+            raise ConfigError(f"--structure {args.structure} names several structures: that goes with a budget "
+                              "(--target-params N, --target-macs N or --target-latency MS); for a ratio, give one")
+        if given("candidates"):
+            raise ConfigError("--candidates goes with a --target-* budget")
+        if isinstance(args.round_to, str):
+            raise ConfigError("--round-to auto goes with a --target-* budget; give an integer")
         wrong = [n for n in WEIGHTS_ONLY if given(n)]
         if "sparsity" in wrong:
             raise ConfigError("--sparsity is for weight pruning; with --structure give --ratio (fraction of units removed)")
@@ -278,7 +381,7 @@ def check_mode_flags(args: argparse.Namespace) -> None:
         if args.heads is not None and args.structure != "heads":
             raise ConfigError(f"--heads goes with --structure heads, not --structure {args.structure}")
     else:
-        wrong = [n for n in STRUCTURE_ONLY if given(n)]
+        wrong = [n for n in (*STRUCTURE_ONLY, *TARGET_FLAGS, "candidates") if given(n)]
         if "ratio" in wrong:
             raise ConfigError("--ratio goes with --structure; for weight pruning give --sparsity")
         if wrong:
@@ -326,7 +429,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
     run = {"prune": commands.cmd_prune, "run": commands.cmd_run, "eval": commands.cmd_eval,
-           "bench": commands.cmd_bench,
+           "bench": commands.cmd_bench, "report": commands.cmd_report,
            "list": commands.cmd_list, "delta": commands.cmd_delta, "merge": commands.cmd_merge}[args.command]
     try:
         out = run(args)

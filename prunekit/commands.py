@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -17,6 +18,9 @@ log = logging.getLogger("prunekit")
 PRUNE_FIELDS = {
     "weights": ("method", "pattern", "allocation", "target_sparsity", "sparsity", "params_total", "params_nonzero",
                 "seconds", "nm_valid", "unreached"),
+    "budget": ("structures", "metric", "target_params", "target_macs", "target_latency_ms", "method", "params_before",
+               "params_after", "macs_before", "macs_after", "chosen", "candidates", "smallest_reachable", "round_to",
+               "latency_ms_before", "latency_ms_after", "loss_held_out", "exact", "seconds"),
     "structure": ("structure", "ratio", "method", "params_before", "params_after", "macs_before", "macs_after",
                   "seconds", "exact", "latency_ms_before", "latency_ms_after", "ratio_achieved", "units_before",
                   "units_removed"),
@@ -67,7 +71,8 @@ def prune_recipe(args: argparse.Namespace) -> Any:
     if args.recipe:
         recipe = Recipe.from_yaml(Path(args.recipe))
         return Recipe(recipe.stages, replace(recipe.calibration, text=args.calib)) if args.calib != "default" else recipe
-    if args.structure:
+    if args.structure and getattr(args, "target_params", None) is None and getattr(args, "target_macs", None) is None \
+            and getattr(args, "target_latency", None) is None:
         spec = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed, args.batch_size)
         stage = StructureConfig.create(
             args.structure, args.ratio, args.method, allocation=args.allocation, ignore=tuple(args.ignore),
@@ -75,6 +80,14 @@ def prune_recipe(args: argparse.Namespace) -> Any:
             blocks=_block_range(args.blocks),
             nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed)
         return one_stage(stage, spec)
+    if args.structure:  # a budget: the search picks the amounts
+        from .structural.budget import BudgetStage
+
+        spec = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed, args.batch_size)
+        budget = BudgetStage(structures=tuple(args.structure.split(",")), target_params=args.target_params,
+                             target_macs=args.target_macs, target_latency_ms=args.target_latency, method=args.method,
+                             heads=args.heads, round_to=args.round_to, candidates=args.candidates or 8, seed=args.seed)
+        return one_stage(budget, spec)
     spec = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed, args.batch_size, args.sequential,
                            args.offload)
     stage = PruneConfig.from_method(
@@ -124,7 +137,8 @@ def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = F
     if getattr(args, "dry_run", False):
         return _dry_run(args, recipe, model, tokenizer, t0)
     dense_size = measure(model)
-    dense_macs = None if "structure" in [stage_kind(st) for st in recipe.stages] else _macs(model)
+    reshapes = {"structure", "budget"} & {stage_kind(st) for st in recipe.stages}
+    dense_macs = None if reshapes else _macs(model)
     dense_ppl = _dense_perplexity(args, model, tokenizer, recipe) if args.eval else None
     dense = copy.deepcopy(model) if latency else None
     previous = loaded if loaded.recipe is not None else None
@@ -164,10 +178,23 @@ def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = F
         log.info("evaluating the pruned model on %s (the result is already saved)", args.eval)
         ppl = _evaluate(args, model, tokenizer, recipe)
         out.update(perplexity=ppl.perplexity, tokens=ppl.tokens)
+        _save_eval(Path(output), args, recipe, out)
     out.update(total_seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
     out["summary"] = summary_table(out, report)
     log.info("saved to %s (%.1f s)", output, out["total_seconds"])
     return out
+
+
+def _save_eval(output: Path, args: argparse.Namespace, recipe: Any, out: dict[str, Any]) -> None:
+    """``OUTPUT/prunekit_eval.json``: the perplexities before and after, for ``prunekit report``
+    (written atomically once both are known; the saved result does not wait for it)."""
+    from .atomic import write_text_atomically
+    from .cli import _finite
+
+    record = {"eval": args.eval, "seqlen": recipe.calibration.seqlen, "eval_max_tokens": args.eval_max_tokens,
+              "tokens": out["tokens"], "perplexity_before": out["perplexity_before"], "perplexity": out["perplexity"],
+              "dense_eval_cached": out["dense_eval_cached"]}
+    write_text_atomically(output / "prunekit_eval.json", json.dumps(_finite(record), indent=2, default=str) + "\n")
 
 
 def _macs(model: Any) -> int | None:
@@ -214,7 +241,7 @@ def _dry_run(args: argparse.Namespace, recipe: Any, model: Any, tokenizer: Any, 
 
 def _stage_summary(stage: dict[str, Any]) -> dict[str, Any]:
     keep = ("stage", "kind", "params_before", "params_after", "sparsity", "macs_before", "macs_after", "seconds",
-            "method", "structure", "ratio", "pattern", "exact")
+            "method", "structure", "ratio", "pattern", "exact", "structures", "chosen")
     return {k: stage[k] for k in keep if k in stage}
 
 
@@ -257,18 +284,52 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .models.loading import load_model
     from .models.placement import parse_device, parse_dtype, place
 
+    tasks = _zero_shot_tasks(args)
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     model, tokenizer, _ = load_model(args.model, dtype)
     place(model, device)
-    t0 = time.perf_counter()
-    ppl = evaluate_perplexity(model, tokenizer, args.eval, seqlen=args.seqlen, max_tokens=args.eval_max_tokens,
-                              progress=not args.quiet)
-    seconds = time.perf_counter() - t0
+    out: dict[str, Any] = {}
+    if not args.no_perplexity:
+        t0 = time.perf_counter()
+        ppl = evaluate_perplexity(model, tokenizer, args.eval, seqlen=args.seqlen, max_tokens=args.eval_max_tokens,
+                                  progress=not args.quiet)
+        seconds = time.perf_counter() - t0
+        out.update(perplexity=ppl.perplexity, nll=ppl.nll, tokens=ppl.tokens)
+        log.info("perplexity %s on %d tokens", ppl.perplexity, ppl.tokens)
     report = sparsity_report(model)
-    log.info("perplexity %s on %d tokens", ppl.perplexity, ppl.tokens)
-    return {"perplexity": ppl.perplexity, "nll": ppl.nll, "tokens": ppl.tokens, "sparsity": report["sparsity"],
-            "params_total": report["params_total"], "params_nonzero": report["params_nonzero"],
-            "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+    out.update(sparsity=report["sparsity"], params_total=report["params_total"],
+               params_nonzero=report["params_nonzero"])
+    if not args.no_perplexity:
+        out["seconds"] = seconds
+    if tasks:
+        from .evaluate.zero_shot import table, zero_shot
+
+        out["zero_shot"] = zero_shot(model, tokenizer, tasks, include_path=args.include_path, limit=args.limit,
+                                     num_fewshot=args.num_fewshot or 0, progress=not args.quiet)
+    out["peak_rss_mb"] = peak_rss_mb()
+    if tasks:
+        out["summary"] = "\n".join([*(f"{k}: {v}" for k, v in out.items() if k != "zero_shot"),
+                                    table(out["zero_shot"])])
+    return out
+
+
+def _zero_shot_tasks(args: argparse.Namespace) -> list[str]:
+    """``eval --tasks``' names, checked (with lm-eval importable) before the model loads; the
+    lm-eval flags without ``--tasks`` are an error naming it."""
+    from .errors import ConfigError
+
+    if getattr(args, "tasks", None) is None:
+        given = [flag for flag, value in (("--include-path", args.include_path), ("--limit", args.limit),
+                                          ("--num-fewshot", args.num_fewshot), ("--no-perplexity", args.no_perplexity))
+                 if value not in (None, False)]
+        if given:
+            raise ConfigError(f"{given[0]} goes with --tasks (lm-eval accuracy); add --tasks LIST or remove it")
+        return []
+    from .evaluate.zero_shot import require_lm_eval, task_names
+
+    names = task_names(args.tasks)
+    require_lm_eval()
+    return names
 
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -281,8 +342,9 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     config = BenchConfig(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                          batches=tuple(args.batch), repeats=args.repeats, layers=args.layers,
-                         peak_memory=not args.no_peak_memory)
+                         peak_memory=not args.no_peak_memory, sparse_kernels=args.sparse_kernels)
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    output = _json_output(args.output) if getattr(args, "output", None) else None  # fails before any loading
     specs = [args.model, *args.pruned]
     if len(set(specs)) != len(specs):
         raise ConfigError(f"bench got {sorted({s for s in specs if specs.count(s) > 1})[0]!r} twice; name each model once")
@@ -296,9 +358,37 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     for row in out["models"]:
         if config.peak_memory:
             log.info("peak memory of %s (fresh process)", row["label"])
-            row.update(peak_memory(row["label"], str(device), args.dtype, config))
+            spec = row.get("kernels_of", row["label"])  # a kernel copy: its source, compressed in that process
+            row.update(peak_memory(spec, str(device), args.dtype, config, kernels="kernels_of" in row))
+    if output is not None:
+        from .atomic import write_text_atomically
+        from .cli import _finite
+
+        write_text_atomically(output, json.dumps(_finite(out), indent=2, default=str) + "\n")
+        log.info("wrote %s", output)
     out["summary"] = table(out)
     return out
+
+
+def _json_output(path: str) -> Path:
+    """``bench --output FILE``, checked before anything is measured: its directory must exist."""
+    from .errors import OutputError
+
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise OutputError(f"--output {out} is a directory; give a file name, e.g. {out / 'prunekit_bench.json'}")
+    if not out.parent.is_dir():
+        raise OutputError(f"cannot write {out}: its directory {out.parent} does not exist; create it first")
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    """``report RUN_DIR``: one self-contained HTML page about a saved result, and its charts as PNGs."""
+    from .report import write_report_files
+
+    page, pngs = write_report_files(args.run_dir, args.output, args.bench)
+    log.info("wrote %s", page)
+    return {"output": str(page), "pngs": [str(p) for p in pngs]}
 
 
 def cmd_list(args: argparse.Namespace) -> dict[str, Any]:

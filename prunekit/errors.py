@@ -59,3 +59,8 @@ class ReplayError(UnsupportedModelError):
     """The model cannot run with its blocks replayed one by one (a block returns a tuple the
     model unpacks, blocks run out of order or not once each); the runner falls back to
     whole-model forwards."""
+
+
+class KernelUnavailableError(PrunekitError):
+    """A sparse kernel cannot run here (no CUDA device, too old a GPU, a torch without it) or
+    gives a different result from the dense layer it would replace."""

@@ -2,9 +2,11 @@
 reported, all gathered in one :class:`~prunekit.result.Result`."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,6 +79,7 @@ def run(recipe: Recipe, model: nn.Module, *, tokenizer: Any = None, data: Any = 
     """
     check(recipe, model)
     calib = _calibration(recipe, data, tokenizer)
+    ctx = StageContext(device, progress, tokenizer, recipe, _teacher(recipe, model))
     stages_report: list[dict[str, Any]] = []
     history = list(previous.history) if previous is not None else []
     report: dict[str, Any] = {}
@@ -85,7 +88,7 @@ def run(recipe: Recipe, model: nn.Module, *, tokenizer: Any = None, data: Any = 
         before = measure(model)
         start = time.perf_counter()
         log.info("stage %d/%d: %s", i + 1, len(recipe.stages), kind)
-        details = STAGE_RUNNERS[kind](stage, model, calib, device, progress)
+        details = STAGE_RUNNERS[kind](stage, model, calib, ctx)
         after = measure(model)
         seconds = time.perf_counter() - start
         entry = {"stage": i + 1, "kind": kind, "params_before": before["params_total"],
@@ -99,13 +102,35 @@ def run(recipe: Recipe, model: nn.Module, *, tokenizer: Any = None, data: Any = 
     full = previous.recipe.stages + recipe.stages if previous is not None and previous.recipe is not None else None
     out_recipe = Recipe(full, recipe.calibration) if full else recipe
     final = {**report, **measure(model), "stages": stages_report}
+    if previous is not None and isinstance(previous.report.get("stages"), list):  # for reports of the whole run
+        final["previous_stages"] = [*previous.report.get("previous_stages", []), *previous.report["stages"]]
     return Result(model, out_recipe, final, history, tokenizer)
 
 
-def _weights(stage: Any, model: nn.Module, data: Any, device: Any, progress: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage may need beside its model and data."""
+
+    device: Any
+    progress: bool
+    tokenizer: Any
+    recipe: Recipe
+    teacher: nn.Module | None = None  # the model before the first stage, when a stage distils from it
+
+
+def _teacher(recipe: Recipe, model: nn.Module) -> nn.Module | None:
+    """A frozen copy of the unpruned model, kept only when a stage distils from it."""
+    if not any(stage_kind(s) == "recovery" and s.distill is not None and s.distill.teacher is None
+               for s in recipe.stages):
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def _weights(stage: Any, model: nn.Module, data: Any, ctx: StageContext) -> dict[str, Any]:
     from .evaluate import sparsity_report
     from .schedules import prune_oneshot
 
+    device, progress = ctx.device, ctx.progress
     outcome = prune_oneshot(model, stage, data, progress=progress, device=device)
     nm = (stage.pattern.n, stage.pattern.m) if stage.pattern.kind == "nm" else None
     rep = sparsity_report(model, nm=nm, ignore=stage.target.ignore)
@@ -124,24 +149,44 @@ def _weights(stage: Any, model: nn.Module, data: Any, device: Any, progress: boo
     return rep
 
 
-def _structure(stage: Any, model: nn.Module, data: Any, device: Any, progress: bool) -> dict[str, Any]:
+def _structure(stage: Any, model: nn.Module, data: Any, ctx: StageContext) -> dict[str, Any]:
     from .structural.prune import prune_structure
 
-    return dict(prune_structure(model, stage, data=data, progress=progress, device=device).report)
+    return dict(prune_structure(model, stage, data=data, progress=ctx.progress, device=ctx.device).report)
 
 
-def _training(stage: Any, model: nn.Module, data: Any, device: Any, progress: bool) -> dict[str, Any]:
+def _budget(stage: Any, model: nn.Module, data: Any, ctx: StageContext) -> dict[str, Any]:
+    from .structural.budget import search
+
+    return search(stage, model, data, device=ctx.device, progress=ctx.progress)
+
+
+def _training(stage: Any, model: nn.Module, data: Any, ctx: StageContext) -> dict[str, Any]:
     from .stages import run_training
 
-    return run_training(stage, model, data, progress)
+    return run_training(stage, model, data, ctx.progress)
 
 
-def _recovery(stage: Any, model: nn.Module, data: Any, device: Any, progress: bool) -> dict[str, Any]:
+def _recovery(stage: Any, model: nn.Module, data: Any, ctx: StageContext) -> dict[str, Any]:
     from .stages import run_recovery
 
-    return run_recovery(stage, model, data, progress)
+    teacher = ctx.teacher
+    if stage.distill is not None and stage.distill.teacher is not None:
+        from .api import load
+
+        log.info("loading the teacher %s", stage.distill.teacher)
+        weight = next(model.parameters())
+        teacher = load(stage.distill.teacher).model.to(device=weight.device, dtype=weight.dtype)
+        teacher.eval().requires_grad_(False)
+    if stage.distill is not None and stage.distill.text is not None:
+        if ctx.tokenizer is None:
+            raise ConfigError("recovery: distill text needs the model's tokenizer")
+        c = ctx.recipe.calibration
+        data = CalibrationData.from_text(ctx.tokenizer, stage.distill.text, c.nsamples, c.seqlen, c.seed,
+                                         c.batch_size)
+    return run_recovery(stage, model, data, ctx.progress, teacher=teacher)
 
 
-STAGE_RUNNERS = {"weights": _weights, "structure": _structure, "training": _training, "recovery": _recovery}
+STAGE_RUNNERS = {"weights": _weights, "structure": _structure, "budget": _budget, "training": _training, "recovery": _recovery}
 
 __all__ = ["run", "check", "measure", "STAGE_RUNNERS"]

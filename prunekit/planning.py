@@ -101,7 +101,7 @@ def plan(recipe: Any, model: nn.Module | str, data: Any = None, *, tokenizer: An
     else:
         example = None
     kinds = [stage_kind(s) for s in recipe.stages]
-    shadow = copy.deepcopy(model) if "structure" in kinds else model  # structure plans resize the copy
+    shadow = copy.deepcopy(model) if {"structure", "budget"} & set(kinds) else model  # structure plans resize the copy
     macs = _macs(shadow, example)
     stages = []
     for i, (stage, kind) in enumerate(zip(recipe.stages, kinds), start=1):
@@ -140,6 +140,24 @@ def _structure(i: int, stage: Any, model: nn.Module, example: Any, before: dict,
     return StagePlan(i, "structure", summary, before["params_total"], after["params_total"],
                      before["params_nonzero"], after["params_nonzero"], report["macs_before"], report["macs_after"],
                      rows, tuple(notes))
+
+
+def _budget(i: int, stage: Any, model: nn.Module, example: Any, before: dict, macs: int | None) -> StagePlan:
+    from .errors import ConfigError
+    from .pipeline import measure
+    from .structural.budget import plan_budget
+
+    if example is None:
+        raise ConfigError("planning a budget stage traces the model: pass data=... or a model with a tokenizer")
+    reports, notes = plan_budget(stage, model, example)
+    rows = tuple(Row(g["name"], g["units_before"], g["removed"], g["kind"]) for r in reports for g in r["groups"])
+    after = measure(model)
+    target = next(f"{k[7:]} {getattr(stage, k):,}" for k in ("target_params", "target_macs")
+                  if getattr(stage, k) is not None)
+    summary = f"budget: {', '.join(stage.structures)} to {target}"
+    return StagePlan(i, "budget", summary, before["params_total"], after["params_total"], before["params_nonzero"],
+                     after["params_nonzero"], reports[0]["macs_before"] if reports else macs,
+                     reports[-1]["macs_after"] if reports else macs, rows, tuple(notes))
 
 
 def _weights(i: int, stage: Any, model: nn.Module, example: Any, before: dict, macs: int | None) -> StagePlan:
@@ -183,12 +201,14 @@ def _training(i: int, stage: Any, model: nn.Module, example: Any, before: dict, 
 
 
 def _recovery(i: int, stage: Any, model: nn.Module, example: Any, before: dict, macs: int | None) -> StagePlan:
-    summary = f"recovery: {stage.method}, {stage.steps} steps at lr {stage.lr}; masks kept, sizes unchanged"
+    how = "distilling from the unpruned model" if stage.distill is not None else "next-token loss"
+    summary = (f"recovery: {stage.method}, {stage.steps} steps at lr {stage.lr}, {how}; masks kept, "
+               "sizes unchanged")
     return StagePlan(i, "recovery", summary, before["params_total"], before["params_total"], before["params_nonzero"],
                      before["params_nonzero"], macs, macs)
 
 
-PLANNERS = {"structure": _structure, "weights": _weights, "training": _training, "recovery": _recovery}
+PLANNERS = {"structure": _structure, "budget": _budget, "weights": _weights, "training": _training, "recovery": _recovery}
 
 
 def format_plan(p: Plan, max_rows: int = 12) -> str:

@@ -75,9 +75,9 @@ class Recipe:
             kind = stage_kind(stage)
             if kind == "weights" and stage.pattern.kind == "nm":
                 seen_nm = (i, stage.pattern)
-            if kind == "structure" and seen_nm is not None:
+            if kind in ("structure", "budget") and seen_nm is not None:
                 raise ConfigError(
-                    f"stage {i + 1} (structure) comes after stage {seen_nm[0] + 1} (weights, {seen_nm[1]}): removing "
+                    f"stage {i + 1} ({kind}) comes after stage {seen_nm[0] + 1} (weights, {seen_nm[1]}): removing "
                     "units would break the N:M groups along the inputs; put the structure stage first")
 
     @property
@@ -165,7 +165,7 @@ def _build(where: str, cls: type, kwargs: dict[str, Any]) -> Any:
 
 
 # -- stages ------------------------------------------------------------------------------
-STAGE_KINDS = ("structure", "weights", "training", "recovery")
+STAGE_KINDS = ("structure", "budget", "weights", "training", "recovery")
 _WEIGHTS_KEYS = {"method", "score", "reconstruction", "sparsity", "pattern", "allocation", "sparsegpt", "ignore",
                  "unreached", "seed", "refine", "refine_params", "permute"}
 
@@ -181,6 +181,10 @@ def stage_kind(stage: Any) -> str:
         return "training"
     if isinstance(stage, RecoveryStage):
         return "recovery"
+    from .structural.budget import BudgetStage
+
+    if isinstance(stage, BudgetStage):
+        return "budget"
     raise ConfigError(f"not a recipe stage: {type(stage).__name__}")
 
 
@@ -207,7 +211,13 @@ def parse_stage(i: int, item: Any, spec: CalibrationSpec) -> Any:
         return _weights(where, body, spec)
     if kind == "structure":
         return _structure(where, body, spec)
-    cls = TrainingStage if kind == "training" else RecoveryStage
+    if kind == "budget":
+        from .structural.budget import BudgetStage
+
+        body.setdefault("seed", spec.seed)
+        cls: type = BudgetStage
+    else:
+        cls = TrainingStage if kind == "training" else RecoveryStage
     known = {f.name for f in fields(cls)}
     if set(body) - known:
         raise ConfigError(f"{where}: unknown keys {sorted(set(body) - known)}; known: {sorted(known)}")
@@ -309,6 +319,8 @@ def stage_to_dict(stage: Any) -> dict[str, Any]:
         for k in ("nsamples", "seqlen", "batch_size"):
             d.pop(k)
         return d
+    if kind in ("budget", "recovery"):
+        return stage.to_dict()
     return {f.name: getattr(stage, f.name) for f in fields(stage)}
 
 

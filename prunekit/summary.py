@@ -33,6 +33,12 @@ def achieved_line(stage: dict[str, Any]) -> str:
             how = f"{stage.get('units_removed', 0):,} of {stage.get('units_before', 0):,} units"
         return (f"{stage['structure']} ({stage['method']}): requested ratio {stage['ratio']} -> removed {how} "
                 f"({stage.get('ratio_achieved', 0):.1%}); counts round half up per group")
+    if kind == "budget":
+        chosen = ", ".join(f"{k} {v}" for k, v in stage["chosen"].items() if k != "mix")
+        target = next((f"{k[7:]} {stage[k]:,}" for k in ("target_params", "target_macs", "target_latency_ms")
+                       if stage.get(k) is not None), "?")
+        return (f"budget ({stage['method']}): target {target} -> {stage['metric']} {stage[stage['metric'] + '_after']:,}"
+                f"; removed per group: {chosen} (best of {len(stage['candidates'])} candidates by held-out loss)")
     if kind == "weights":
         return (f"weights ({stage['method']}, {stage['pattern']}, {stage['allocation']}): requested sparsity "
                 f"{stage['target_sparsity']} -> {stage['sparsity']:.2%} of the pruned layers")
@@ -50,7 +56,7 @@ def summary_table(out: dict[str, Any], report: dict[str, Any]) -> str:
     dense = out.get("dense", {})
     stages = report.get("stages", [])
     macs_before = dense.get("macs")
-    reshaped = any(s.get("kind") == "structure" for s in stages)
+    reshaped = any(s.get("kind") in ("structure", "budget") for s in stages)
     macs_after = next((s["macs_after"] for s in reversed(stages) if s.get("macs_after") is not None),
                       None if reshaped else macs_before)  # sparse weights keep every shape
     rows = [("", "before", "after", "")]

@@ -1,4 +1,4 @@
-"""Evaluation: perplexity, sparsity and size, time and memory."""
+"""Evaluation: perplexity, sparsity and size, time and memory; lm-eval accuracy in .zero_shot (imported apart)."""
 from .latency import latencies_ms
 from .perplexity import Perplexity, perplexity
 from .resources import peak_rss_mb

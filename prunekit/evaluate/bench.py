@@ -11,7 +11,10 @@ on the CPU the process's resident high-water mark, on a GPU ``torch.cuda.max_mem
 Masks make no layer faster: a pruned model with unstructured or N:M zeros runs dense here. For
 its largest sparse layer the bench times the matmul dense and as a CSR sparse tensor on the
 same device and says which was faster (``sparse_kernel``, ``kernel``); structure removed is what
-shows up in latency.
+shows up in latency. The one exception (``sparse_kernels``, ``auto`` by default): on a CUDA GPU of
+compute capability >= 8.0, each pruned model with 2:4 Linear layers is also timed as a copy whose
+layers run through PyTorch's semi-structured kernels (:mod:`prunekit.export.kernels`), an extra
+row ``'<model> [2:4 kernels]'``; elsewhere the result says why no 2:4 speed-up was measured.
 """
 from __future__ import annotations
 
@@ -28,7 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, KernelUnavailableError
+
+KERNEL_SUFFIX = " [2:4 kernels]"
+SPARSE_KERNEL_MODES = ("auto", "off", "on")
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,12 @@ class BenchConfig:
     warmup: int = 1
     layers: bool = False
     peak_memory: bool = True
+    sparse_kernels: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.sparse_kernels not in SPARSE_KERNEL_MODES:
+            raise ConfigError(f"bench sparse-kernels must be one of {list(SPARSE_KERNEL_MODES)}, "
+                              f"got {self.sparse_kernels!r}")
         for name in ("prompt_tokens", "decode_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"bench {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -204,6 +214,65 @@ def kernel_note(probe: dict[str, Any] | None) -> str:
             f"CSR {probe['csr_ms']:.2f} ms ({verdict})")
 
 
+def with_kernel_copies(models: dict[str, tuple[nn.Module, Any, str | None]],
+                       mode: str) -> tuple[dict[str, tuple[nn.Module, Any, str | None]], dict[str, Any]]:
+    """``models`` with, after each pruned one (all but the first) that has 2:4 Linear layers, a
+    copy running them through the semi-structured kernels, where the device has them; and the
+    result's ``sparse_kernels`` record. ``on``: an error when none can be timed."""
+    import copy
+
+    from ..export.kernels import accelerate_24, classify_24, semi_structured_support
+
+    if mode == "off":
+        return models, {"mode": "off"}
+    ok, reason = semi_structured_support(_device(next(iter(models.values()))[0]))
+    info: dict[str, Any] = {"mode": mode, "available": ok, "reason": reason, "models": {}}
+    if not ok:
+        if mode == "on":
+            raise KernelUnavailableError(f"--sparse-kernels on: 2:4 kernels cannot run: {reason}; they need a CUDA "
+                                         "GPU of compute capability >= 8.0 (or pass --sparse-kernels auto/off)")
+        info["note"] = f"{reason}; 2:4 kernels need a CUDA GPU of compute capability >= 8.0, so every model ran dense"
+        return models, info
+    out, why = {}, {}
+    for i, (label, (model, tok, path)) in enumerate(models.items()):
+        out[label] = (model, tok, path)
+        if i == 0:  # the baseline
+            continue
+        names, skipped = classify_24(model)
+        if not names:
+            why[label] = next(iter(skipped.values()), "no Linear layers")
+            continue
+        fast = copy.deepcopy(model)
+        try:
+            report = accelerate_24(fast)
+        except KernelUnavailableError as exc:
+            if mode == "on":
+                raise
+            info["models"][label] = {"error": str(exc)}
+            continue
+        info["models"][label] = {"label": label + KERNEL_SUFFIX, "converted": len(report["converted"]),
+                                 "skipped": len(report["skipped"]), "backend": report["backend"],
+                                 "max_rel_error": report["max_rel_error"]}
+        out[label + KERNEL_SUFFIX] = (fast, tok, None)
+    if not any("label" in v for v in info["models"].values()):
+        first = next(iter(why.items()), None)
+        note = "no pruned model has Linear layers the 2:4 kernels take"
+        note += f" ({first[0]}: {first[1]})" if first else ""
+        if mode == "on":
+            raise ConfigError(f"--sparse-kernels on: {note}; prune with --pattern 2:4 and bench in float16/bfloat16")
+        info["note"] = note
+    return out, info
+
+
+def _kernel_fields(row: dict[str, Any], source: dict[str, Any], record: dict[str, Any]) -> None:
+    """A kernel copy's row: the source's parameter counts, ratios to the source, its kernel note."""
+    row.update(params_total=source["params_total"], params_nonzero=source["params_nonzero"], kernels_of=source["label"],
+               sparse_kernel=None, kernel=f"2:4 {record['backend']} kernels on {record['converted']} Linear layers "
+                                         f"(max relative error {record['max_rel_error']:.2g}); the rest dense")
+    row["prefill_vs_source"] = row["prefill_ms"] / source["prefill_ms"]
+    row["decode_vs_source"] = {b: v / source["decode_tokens_per_s"][b] for b, v in row["decode_tokens_per_s"].items()}
+
+
 def measure(models: dict[str, tuple[nn.Module, Any, str | None]], config: BenchConfig,
             progress: bool = True) -> dict[str, Any]:
     """Bench ``{label: (model, tokenizer, saved directory or None)}``; the first is the baseline
@@ -211,6 +280,7 @@ def measure(models: dict[str, tuple[nn.Module, Any, str | None]], config: BenchC
     from tqdm.auto import tqdm
 
     from ..export.compact import checkpoint_info
+    from ..export.kernels import tensor_bytes
     from .sparsity import count_params
 
     first = next(iter(models.values()))[0]
@@ -220,6 +290,8 @@ def measure(models: dict[str, tuple[nn.Module, Any, str | None]], config: BenchC
         bad = [k for k, v in lms.items() if not v]
         raise ConfigError(f"bench measures causal language models (prefill and decode with a KV cache); {bad[0]} "
                           "is not one; time other models with prunekit.evaluate.latencies_ms")
+    models, kernels = with_kernel_copies(models, config.sparse_kernels)
+    sources = {v["label"]: k for k, v in kernels.get("models", {}).items() if "label" in v}
     inputs = {}
     for k, (m, tok, _) in models.items():
         vocab = m.get_input_embeddings().weight.shape[0]
@@ -240,17 +312,20 @@ def measure(models: dict[str, tuple[nn.Module, Any, str | None]], config: BenchC
             if config.layers:
                 layers[k].append(block_ms(m, inputs[k][1]))
     base = next(iter(models))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for k, (m, _, path) in models.items():
-        total, nonzero = count_params(m)
+        total, nonzero = count_params(models[sources.get(k, k)][0])  # a compressed weight has no count_nonzero
         p = statistics.median(prefill[k])
         d = {str(b): statistics.median(v) for b, v in decode[k].items()}
         row: dict[str, Any] = {
             "label": k, "path": path, "params_total": total, "params_nonzero": nonzero,
-            "weights_bytes_in_memory": sum(t.numel() * t.element_size() for t in m.parameters()),
+            "weights_bytes_in_memory": sum(tensor_bytes(t) for t in m.parameters()),
             "prefill_ms": p, "prefill_ms_repeats": prefill[k], "decode_tokens_per_s": d}
-        probe = sparse_kernel_probe(m, config.prompt_tokens)
-        row.update(sparse_kernel=probe, kernel=kernel_note(probe))
+        if k in sources:
+            _kernel_fields(row, next(r for r in rows if r["label"] == sources[k]), kernels["models"][sources[k]])
+        else:
+            probe = sparse_kernel_probe(m, config.prompt_tokens)
+            row.update(sparse_kernel=probe, kernel=kernel_note(probe))
         if path is not None and Path(path).is_dir():
             row["checkpoint"] = checkpoint_info(path)
         if config.layers:
@@ -264,7 +339,7 @@ def measure(models: dict[str, tuple[nn.Module, Any, str | None]], config: BenchC
     return {"device": str(device), "dtype": str(next(first.parameters()).dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(), "baseline": base, "prompt_tokens": config.prompt_tokens,
             "decode_tokens": config.decode_tokens, "batches": list(config.batches), "repeats": config.repeats,
-            "models": rows}
+            "models": rows, "sparse_kernels": kernels}
 
 
 PEAK_SCRIPT = """
@@ -276,6 +351,9 @@ from prunekit.models.placement import parse_device, parse_dtype, place
 spec, device, dtype, cfg = sys.argv[1], sys.argv[2], sys.argv[3], BenchConfig(**json.loads(sys.argv[4]))
 model, tok, _ = load_model(spec, parse_dtype(dtype))
 dev = place(model, parse_device(device))
+if sys.argv[5:] == ["kernels"]:
+    from prunekit.export.kernels import accelerate_24
+    accelerate_24(model, check=False)
 if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats(dev)
 vocab = model.get_input_embeddings().weight.shape[0]
@@ -286,13 +364,13 @@ print(json.dumps({"peak_memory_mb": peak, "kind": "cuda allocated" if dev.type =
 """
 
 
-def peak_memory(spec: str, device: str, dtype: str, config: BenchConfig) -> dict[str, Any]:
-    """Peak memory of loading ``spec`` and running one prefill and the largest batch's decode, in a
-    fresh process (so nothing of this one counts)."""
+def peak_memory(spec: str, device: str, dtype: str, config: BenchConfig, kernels: bool = False) -> dict[str, Any]:
+    """Peak memory of loading ``spec`` (with ``kernels``, its 2:4 layers then compressed) and running
+    one prefill and the largest batch's decode, in a fresh process (so nothing of this one counts)."""
     cfg = {"prompt_tokens": config.prompt_tokens, "decode_tokens": config.decode_tokens,
            "batches": list(config.batches)}
-    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, spec, device, dtype, json.dumps(cfg)],
-                          capture_output=True, text=True)
+    argv = [sys.executable, "-c", PEAK_SCRIPT, spec, device, dtype, json.dumps(cfg)] + (["kernels"] if kernels else [])
+    done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"peak_memory_mb": None, "error": tail}
@@ -313,7 +391,14 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {r['label']} | {r['params_total'] / 1e6:.2f} | {r['params_nonzero'] / 1e6:.2f} | {file_mb} | "
                      f"{r['prefill_ms']:.1f} ({r['prefill_vs_first']:.2f}×) | " + " | ".join(dec)
                      + f" | {'' if peak is None else f'{peak:.0f}'} |")
+    kernels = result.get("sparse_kernels") or {}
+    for label, rec in kernels.get("models", {}).items():
+        if "error" in rec:
+            lines.append(f"\n2:4 kernels not timed for {label}: {rec['error']}")
+    if kernels.get("note"):
+        lines.append(f"\nNo 2:4 kernel speed-up was measured: {kernels['note']}.")
     return "\n".join(lines)
 
 
-__all__ = ["BenchConfig", "block_ms", "decode_tokens_per_s", "greedy_decode", "measure", "peak_memory", "prefill_ms", "table"]
+__all__ = ["BenchConfig", "block_ms", "decode_tokens_per_s", "greedy_decode", "measure", "peak_memory", "prefill_ms",
+           "table", "with_kernel_copies"]

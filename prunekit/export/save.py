@@ -56,7 +56,7 @@ def save(result: Any, path: str | Path, *, overwrite: bool = False, format: str 
     model = result.model
     is_hf = hasattr(model, "save_pretrained") and hasattr(model, "config")
     uniform = fit_hf_config(model) if is_hf else False
-    structural = any(h.get("kind") == "structure" for h in result.history)
+    structural = any(h.get("kind") in ("structure", "budget") for h in result.history)
     record = structure_record(model, uniform) if (structural or not uniform) else None
     if is_hf and not uniform:
         log.warning("%s has sizes its config cannot describe (per-layer sizes, or heads x head_dim != hidden "

@@ -82,8 +82,9 @@ def gguf_to_hf(path: Path) -> Path:
     return write_dir_atomically(dest, write, replace=False)
 
 
-def resolve(spec: str) -> str:
-    """Turn a MODEL argument into something ``from_pretrained`` takes (dir or hub id)."""
+def resolve(spec: str | os.PathLike) -> str:
+    """Turn a MODEL argument (a string or a path) into something ``from_pretrained`` takes (dir or hub id)."""
+    spec = os.fspath(spec)
     if spec == "default":
         return str(gguf_to_hf(default_gguf()))
     path = Path(spec).expanduser()

@@ -204,8 +204,9 @@ def _prune_units(model: nn.Module, graph: Graph, cfg: StructureConfig, data: Cal
         compensate_bias(model, units, ctx, sizes_only=plan)
     attrs = remove_units(model, units)
     key = "removed_query_heads" if query else "removed_indices"
+    # choices: the units a ratio is a fraction of (query heads per key/value group in query mode)
     summary = [{"name": g.name, "kind": g.kind, "units_before": len(g), "removed": len(c), "inexact": g.inexact,
-                key: sorted(int(i) for i in idx)} for g, c, idx in zip(groups, chosen, picks)]
+                "choices": n, key: sorted(int(i) for i in idx)} for g, c, idx, n in zip(groups, chosen, picks, sizes)]
     return summary, attrs
 
 
