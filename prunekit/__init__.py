@@ -27,10 +27,14 @@ _LAZY = {
     "RecoveryStage": ("stages", "RecoveryStage"), "TrainingStage": ("stages", "TrainingStage"),
     "StructureConfig": ("structural", "StructureConfig"), "prune_structure": ("structural", "prune_structure"),
 }
+#: subpackages reachable as attributes without importing them first (``prunekit.kv.cache(...)``)
+_SUBPACKAGES = ("kv",)
 __all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)  # the import binds it as an attribute
     try:
         module, attr = _LAZY[name]
     except KeyError:
@@ -41,4 +45,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    return sorted({*globals(), *_LAZY, *_SUBPACKAGES})

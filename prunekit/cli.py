@@ -47,7 +47,7 @@ def _structures(text: str) -> str:
     names = [t.strip() for t in text.split(",")]
     bad = [n for n in names if n not in STRUCTURES]
     if bad:
-        raise argparse.ArgumentTypeError(f"invalid structure {bad[0]!r} (choose from {', '.join(STRUCTURES)})")
+        raise argparse.ArgumentTypeError(f"invalid choice: {bad[0]!r} (choose from {', '.join(STRUCTURES)})")
     return ",".join(names)
 
 

@@ -31,7 +31,8 @@ ALL: dict[str, "Registry[Any]"] = {}
 _PROVIDERS = ("prunekit.config", "prunekit.scoring", "prunekit.patterns", "prunekit.allocation", "prunekit.reconstruct",
               "prunekit.refine", "prunekit.structural.scores", "prunekit.structural.layers",
               "prunekit.structural.experts", "prunekit.schedules.at_init", "prunekit.models.adapters",
-              "prunekit.delta.ops", "prunekit.data.scores")
+              "prunekit.delta.ops", "prunekit.data.scores", "prunekit.tokens",
+              "prunekit.kv.policies")
 
 
 class Registry(Generic[T]):

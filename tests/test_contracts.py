@@ -102,13 +102,15 @@ def test_every_allocation(name, sparsity):
 def test_every_registry_has_generated_contract_tests():
     """A new registry must come with contract tests generated over its entries: this lists the
     registries that have them (here and in test_dtype_device.py, test_models.py, test_adapters.py,
-    test_data_pruning.py for data scores, test_delta.py for delta and merge methods)."""
+    test_data_pruning.py for data scores, test_delta.py for delta and merge methods, test_kv.py for
+    KV-cache policies)."""
+    import prunekit.kv.policies  # noqa: F401  (kv_policies: contracts in test_kv.py)
     from prunekit.registry import ALL, catalogue
 
     catalogue()  # imports every module that registers entries
     covered = {"scores", "patterns", "allocations", "reconstructions", "methods", "unit_scores", "layer_scores",
                "expert_scores", "init_scores", "adapters", "data_scores", "delta_methods", "merge_methods",
-               "refinements"}
+               "refinements", "kv_policies", "token_methods"}
     assert set(ALL) == covered
 
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+import prunekit.kv.policies  # noqa: F401  (registers kv_policies; not yet in registry._PROVIDERS)
 from prunekit.registry import ALL, EntryInfo, catalogue, entries, format_entries
 
 FOUND = entries()  # imports every module that registers entries

@@ -1,0 +1,28 @@
+"""Token pruning and merging at inference for encoders: fewer tokens through the later layers
+of a BERT-style encoder or a ViT, applied by hooks and taken away again.
+
+    with prunekit.tokens.prune(model, "tome", r=8) as handle:
+        out = model(**batch)
+    handle = prunekit.tokens.apply(model, "evit", keep=0.7, layers=[3, 6, 9])
+    handle.report(batch)  # tokens and MACs per layer, latency against the unpruned run
+    handle.remove()
+
+Methods (:data:`TOKEN_METHODS`): ``evit`` (Liang et al. 2022, keep what [CLS] attends to, fuse
+the rest), ``tome`` (Bolya et al. 2023, bipartite merging with proportional attention),
+``random`` (the control). Amounts and layers: :class:`TokenStage`. The pure tensor functions
+(:mod:`.select`, :mod:`.merge`) can be checked by hand.
+"""
+from __future__ import annotations
+
+from .config import TokenStage, removed
+from .hooks import TokenHandle, apply, prune
+from .layout import SUPPORTED, layout_for
+from .merge import attention_bias, bipartite_merge, match_scores, max_merge, merge_tokens
+from .methods import TOKEN_METHODS, LayerTokens, TokenMethod, register_token_method
+from .report import TokenReport
+from .select import cls_attention, evit_fuse, evit_keep, gather_tokens, random_keep, weighted_mean
+
+__all__ = ["TOKEN_METHODS", "SUPPORTED", "LayerTokens", "TokenHandle", "TokenMethod", "TokenReport", "TokenStage",
+           "apply", "attention_bias", "bipartite_merge", "cls_attention", "evit_fuse", "evit_keep", "gather_tokens",
+           "layout_for", "match_scores", "max_merge", "merge_tokens", "prune", "random_keep", "register_token_method",
+           "removed", "weighted_mean"]
