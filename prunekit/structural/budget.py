@@ -231,8 +231,10 @@ def search(stage: BudgetStage, model: nn.Module, data: Any, device: Any = None, 
     size0 = _size(model, example, metric)
     params0 = sum(p.numel() for p in model.parameters())
     table = costs(stage, model, example, step)
-    smallest, _ = exact_size(stage, model, {s: c.levels[-1] for s, c in table.items()}, table, step, example, metric)
-    target, latency = _target(stage, model, data, table, step, example, size0, smallest)
+    smallest, deepest = exact_size(stage, model, {s: c.levels[-1] for s, c in table.items()}, table, step, example,
+                                   metric)
+    target, latency = _target(stage, model, data, deepest, example, size0, smallest)
+    del deepest
     search_data, held = _split(data, stage.search_samples, stage.eval_samples)
     tried: dict[tuple, dict[str, Any]] = {}
     weights: dict[tuple, dict[str, float]] = {}
@@ -305,10 +307,9 @@ def _meet_latency(stage: BudgetStage, model: nn.Module, counts: dict[str, int], 
 
 def _resolved(stage: BudgetStage, s: str, k: int, table: dict[str, Cost], step: int, model: nn.Module) -> dict:
     """The structure stage that replays the chosen removal of ``s``."""
-    d = dict(stage.structure(s, table[s].ratio(k), step, model).to_dict()["structural"])
-    for key in ("nsamples", "seqlen", "batch_size"):
-        d.pop(key)
-    return {"structure": d}
+    from ..recipe import stage_to_dict
+
+    return {"structure": stage_to_dict(stage.structure(s, table[s].ratio(k), step, model))}
 
 
 def _tighten(stage: BudgetStage, model: nn.Module, counts: dict[str, int], table: dict[str, Cost], step: int,
@@ -329,18 +330,16 @@ def _tighten(stage: BudgetStage, model: nn.Module, counts: dict[str, int], table
                       f"{target:,.0f}, and removing more along its mix did not meet it; lower the target slightly")
 
 
-def _target(stage: BudgetStage, model: nn.Module, data: Any, table: dict[str, Cost], step: int, example: Any,
+def _target(stage: BudgetStage, model: nn.Module, data: Any, deepest: nn.Module, example: Any,
             size0: float, smallest: int) -> tuple[float, dict[str, Any] | None]:
-    """The size target in the search's metric (a latency target becomes a MAC target)."""
+    """The size target in the search's metric (a latency target becomes a MAC target);
+    ``deepest``: the model with every structure at its minimum (the fastest reachable)."""
     metric = stage.metric
     if stage.target_latency_ms is None:
         target = float(getattr(stage, f"target_{metric}"))
         _reachable(target, size0, smallest, metric, stage)
         return target, None
-    deepest = {s: c.levels[-1] for s, c in table.items()}
-    _, shadow = exact_size(stage, model, deepest, table, step, example, "macs")
-    dense_ms, fastest_ms = _latency(model, shadow, data)
-    del shadow
+    dense_ms, fastest_ms = _latency(model, deepest, data)
     if stage.target_latency_ms < fastest_ms:
         raise ConfigError(f"budget: target latency {stage.target_latency_ms} ms is below the fastest reachable: "
                           f"{fastest_ms:.2f} ms with every {', '.join(stage.structures)} group at its minimum "
