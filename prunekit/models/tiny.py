@@ -69,6 +69,10 @@ def _shrink(config: Any, sizes: dict[str, Any]) -> None:
                 setattr(config, key, value)
             except (AttributeError, TypeError, ValueError):
                 pass
+    width = sizes["intermediate_size"]
+    for key, value in list(vars(config).items()):  # any other feed-forward width (ergo's first_dense_...)
+        if key.endswith("intermediate_size") and key not in sizes and isinstance(value, int) and value > width:
+            setattr(config, key, width)
     n = sizes["num_hidden_layers"]
     if isinstance(layers, int):
         _per_layer(config, layers, n)

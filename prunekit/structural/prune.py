@@ -112,7 +112,7 @@ def _still_runs(model: nn.Module, example: Any, config: StructureConfig, units: 
     stack: list[str] = []
 
     def enter(module: nn.Module, args: Any) -> None:
-        stack.append(names.get(id(module), type(module).__name__))
+        stack.append(names.get(id(module), stack[-1] if stack else ""))  # a foreign module is its caller's
 
     def leave(module: nn.Module, args: Any, out: Any) -> None:
         if stack:

@@ -213,7 +213,8 @@ def trace_model(model: nn.Module, inputs: Any, rules: dict[str, Callable[..., An
     patterns = [re.compile(p) for p in opaque]
 
     def enter(module: nn.Module, args: Any) -> None:
-        name = tracer.qualnames.get(id(module), type(module).__name__)
+        # a module outside the model (a kernel wrapper transformers builds per call) is part of its caller
+        name = tracer.qualnames.get(id(module), tracer.module_stack[-1] if tracer.module_stack else "")
         tracer.module_stack.append(name)
         if tracer.opaque_depth or any(p.search(name) for p in patterns):
             if not tracer.opaque_depth:
