@@ -210,11 +210,21 @@ def _macs(model: Any) -> int | None:
 
 
 def _evaluate(args: argparse.Namespace, model: Any, tokenizer: Any, recipe: Any) -> Any:
-    """Perplexity on ``--eval`` with the recipe's window length."""
-    from .api import evaluate_perplexity
+    """Perplexity on ``--eval`` with the recipe's window length. A tokens stage is switched off
+    for it (it cuts prompts, which windowed perplexity has none of); its own report has the
+    continuation perplexity with and without it."""
+    import contextlib
 
-    return evaluate_perplexity(model, tokenizer, args.eval, seqlen=recipe.calibration.seqlen,
-                               max_tokens=args.eval_max_tokens, progress=not args.quiet)
+    from .api import evaluate_perplexity
+    from .tokens.handle import applied
+
+    handle = applied(model)
+    if handle is not None:
+        log.info("perplexity on %s is measured with the tokens stage off; the stage report has its continuation "
+                 "perplexity", args.eval)
+    with handle.disabled() if handle is not None else contextlib.nullcontext():
+        return evaluate_perplexity(model, tokenizer, args.eval, seqlen=recipe.calibration.seqlen,
+                                   max_tokens=args.eval_max_tokens, progress=not args.quiet)
 
 
 def _dense_perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, recipe: Any) -> tuple[Any, bool]:
@@ -241,7 +251,10 @@ def _dry_run(args: argparse.Namespace, recipe: Any, model: Any, tokenizer: Any, 
 
 def _stage_summary(stage: dict[str, Any]) -> dict[str, Any]:
     keep = ("stage", "kind", "params_before", "params_after", "sparsity", "macs_before", "macs_after", "seconds",
-            "method", "structure", "ratio", "pattern", "exact", "structures", "chosen")
+            "method", "structure", "ratio", "pattern", "exact", "structures", "chosen",
+            # a tokens stage
+            "keep", "r", "after", "tokens_in", "tokens_out", "macs_ratio", "latency_ms", "dense_latency_ms", "speedup",
+            "continuation_perplexity", "uncut_continuation_perplexity", "prompt_tokens", "windows", "embedding_cosine")
     return {k: stage[k] for k in keep if k in stage}
 
 

@@ -187,6 +187,18 @@ def _recovery(stage: Any, model: nn.Module, data: Any, ctx: StageContext) -> dic
     return run_recovery(stage, model, data, ctx.progress, teacher=teacher)
 
 
-STAGE_RUNNERS = {"weights": _weights, "structure": _structure, "budget": _budget, "training": _training, "recovery": _recovery}
+def _tokens(stage: Any, model: nn.Module, data: Any, ctx: StageContext) -> dict[str, Any]:
+    """Apply the token stage to the finished model (it stays applied: the result's model runs
+    with it; ``prunekit.tokens.remove(result.model)`` takes it off) and measure it on the
+    calibration data against the model with it off."""
+    from .tokens import apply
+    from .tokens.report import stage_report
+
+    handle = apply(model, stage)
+    return stage_report(handle, data)
+
+
+STAGE_RUNNERS = {"weights": _weights, "structure": _structure, "budget": _budget, "training": _training,
+                 "recovery": _recovery, "tokens": _tokens}
 
 __all__ = ["run", "check", "measure", "STAGE_RUNNERS"]

@@ -208,7 +208,22 @@ def _recovery(i: int, stage: Any, model: nn.Module, example: Any, before: dict, 
                      before["params_nonzero"], macs, macs)
 
 
-PLANNERS = {"structure": _structure, "budget": _budget, "weights": _weights, "training": _training, "recovery": _recovery}
+def _tokens(i: int, stage: Any, model: nn.Module, example: Any, before: dict, macs: int | None) -> StagePlan:
+    if stage.decoder or stage.after is not None:
+        how = f"prompts cut to {stage.keep:g} of their tokens after {stage.cut_after} layers"
+    else:
+        amount = f"keep {stage.keep:g}" if stage.keep is not None else f"r {stage.r}" if stage.r is not None \
+            else f"schedule {list(stage.schedule)}"
+        how = f"{amount} per reducing layer"
+    summary = f"tokens: {stage.method}, {how}; applied at inference by hooks, weights unchanged"
+    notes = ("the MACs saved depend on each input's length; the run measures them, and latency, on the calibration "
+             "text",)
+    return StagePlan(i, "tokens", summary, before["params_total"], before["params_total"], before["params_nonzero"],
+                     before["params_nonzero"], macs, macs, notes=notes)
+
+
+PLANNERS = {"structure": _structure, "budget": _budget, "weights": _weights, "training": _training,
+            "recovery": _recovery, "tokens": _tokens}
 
 
 def format_plan(p: Plan, max_rows: int = 12) -> str:

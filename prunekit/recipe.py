@@ -79,6 +79,11 @@ class Recipe:
                 raise ConfigError(
                     f"stage {i + 1} ({kind}) comes after stage {seen_nm[0] + 1} (weights, {seen_nm[1]}): removing "
                     "units would break the N:M groups along the inputs; put the structure stage first")
+            if kind == "tokens" and i != len(self.stages) - 1:
+                raise ConfigError(
+                    f"stage {i + 1} (tokens) must be the last stage, and the only tokens stage: it changes how the "
+                    "finished model runs at inference (hooks), not its weights, so every stage that changes weights "
+                    "goes before it")
 
     @property
     def needs_data(self) -> bool:
@@ -165,7 +170,7 @@ def _build(where: str, cls: type, kwargs: dict[str, Any]) -> Any:
 
 
 # -- stages ------------------------------------------------------------------------------
-STAGE_KINDS = ("structure", "budget", "weights", "training", "recovery")
+STAGE_KINDS = ("structure", "budget", "weights", "training", "recovery", "tokens")
 _WEIGHTS_KEYS = {"method", "score", "reconstruction", "sparsity", "pattern", "allocation", "sparsegpt", "ignore",
                  "unreached", "seed", "refine", "refine_params", "permute"}
 
@@ -185,6 +190,10 @@ def stage_kind(stage: Any) -> str:
 
     if isinstance(stage, BudgetStage):
         return "budget"
+    from .tokens.config import TokenStage
+
+    if isinstance(stage, TokenStage):
+        return "tokens"
     raise ConfigError(f"not a recipe stage: {type(stage).__name__}")
 
 
@@ -216,6 +225,10 @@ def parse_stage(i: int, item: Any, spec: CalibrationSpec) -> Any:
 
         body.setdefault("seed", spec.seed)
         cls: type = BudgetStage
+    elif kind == "tokens":
+        from .tokens.config import TokenStage
+
+        cls = TokenStage
     else:
         cls = TrainingStage if kind == "training" else RecoveryStage
     known = {f.name for f in fields(cls)}
@@ -321,6 +334,9 @@ def stage_to_dict(stage: Any) -> dict[str, Any]:
         return d
     if kind in ("budget", "recovery"):
         return stage.to_dict()
+    if kind == "tokens":
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f in fields(stage) if (v := getattr(stage, f.name)) is not None}
     return {f.name: getattr(stage, f.name) for f in fields(stage)}
 
 

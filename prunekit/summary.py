@@ -44,6 +44,15 @@ def achieved_line(stage: dict[str, Any]) -> str:
                 f"{stage['target_sparsity']} -> {stage['sparsity']:.2%} of the pruned layers")
     if kind == "training":
         return f"training: requested sparsity {stage['target_sparsity']} -> {stage['sparsity']:.2%}"
+    if kind == "tokens":
+        line = (f"tokens ({stage['method']}): MACs of the layers x{stage['macs_ratio']:.2f}, prefill "
+                f"{stage['dense_latency_ms']:.1f} -> {stage['latency_ms']:.1f} ms on the first calibration window")
+        if stage.get("continuation_perplexity") is not None:
+            line += (f"; continuation perplexity {stage['uncut_continuation_perplexity']:.2f} uncut -> "
+                     f"{stage['continuation_perplexity']:.2f} cut")
+        elif stage.get("embedding_cosine") is not None:
+            line += f"; embedding cosine to uncut {stage['embedding_cosine']:.3f}"
+        return line
     if kind == "recovery":
         return (f"recovery ({stage['method']}): {stage['steps']} steps, loss {stage['loss_first']:.3f} -> "
                 f"{stage['loss_last']:.3f}, masks kept")

@@ -35,9 +35,9 @@ def eager_hint(model: nn.Module) -> str:
     return f'load the model with attn_implementation="eager"{switch}'
 
 
-def check_decoder(model: nn.Module) -> Any:
+def check_decoder(model: nn.Module, what: str = "KV-cache policies") -> Any:
     """The decoder config of a generative decoder-only model whose every layer is full attention;
-    anything else is refused by name."""
+    anything else is refused by name (``what``: the feature that needs it, for the message)."""
     config = getattr(model, "config", None)
     name = type(model).__name__
     if config is None:
@@ -56,7 +56,7 @@ def check_decoder(model: nn.Module) -> Any:
     kinds = get_layer_types_and_kwargs(text)[0]
     other = sorted({k for k in kinds if k != "full_attention"})
     if other:
-        raise UnsupportedModelError(f"{name} has {', '.join(other)} layers ({config.model_type}); KV-cache policies "
+        raise UnsupportedModelError(f"{name} has {', '.join(other)} layers ({config.model_type}); {what} "
                                     "support models whose every layer is full attention (their cache already "
                                     "drops tokens; set config.sliding_window=None only if the model was trained "
                                     "without one)")

@@ -5,6 +5,9 @@ An amount is a keep rate (the fraction of the tokens besides [CLS] a layer lets 
 of tokens at the same amount, so methods compare at equal cost: EViT counts its fused token
 among the tokens it keeps (at ``keep=0.7`` it keeps 0.7 of the tokens, one of them the fusion
 of the rest), ToMe and the random control remove exactly as many.
+
+In a decoder the prompt is cut once: the first ``after`` layers see every prompt token, the
+later ones the ``keep`` fraction a method picks (FastV's ``K`` and ``R``).
 """
 from __future__ import annotations
 
@@ -42,7 +45,12 @@ class TokenStage:
     ``schedule``, one amount per layer of the model, all keep rates (floats) or all ``r``
     (integers), 1.0 or 0 where a layer removes nothing. ``layers``: the 0-based layers after
     which tokens go, with ``keep`` or ``r`` (default: every layer but the last, after which a
-    reduction saves no compute). ``seed``: of the random control."""
+    reduction saves no compute). ``seed``: of the random control.
+
+    Decoders (``fastv``, ``divprune``, ``random`` on a causal LM): ``keep``, the fraction of the
+    prompt's tokens the later layers keep (the last token always among them), and ``after``, how
+    many layers see every prompt token first (default 2, FastV's ``K``; 0 cuts the prompt before
+    the first layer, where DivPrune's paper cuts). Tokens generated after the prompt are kept."""
 
     method: str
     keep: float | None = None
@@ -50,6 +58,7 @@ class TokenStage:
     layers: tuple[int, ...] | None = None
     schedule: tuple[float, ...] | tuple[int, ...] | None = None
     seed: int = 0
+    after: int | None = None
 
     def __post_init__(self) -> None:
         from .methods import TOKEN_METHODS
@@ -69,6 +78,37 @@ class TokenStage:
             self._check_schedule()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"tokens: seed must be an integer, got {self.seed!r}")
+        self._check_decoder(TOKEN_METHODS.get(self.method))
+
+    def _check_decoder(self, entry: object) -> None:
+        if self.after is not None:
+            if getattr(entry, "select", None) is None:
+                raise ConfigError(f"tokens ({self.method}): after= sets where a decoder's prompt is cut, but "
+                                  f"{self.method!r} is an encoder method; for decoders use fastv, divprune or random")
+            if isinstance(self.after, bool) or not isinstance(self.after, int) or self.after < 0:
+                raise ConfigError(f"tokens: after={self.after!r} must be an integer >= 0: the number of layers that "
+                                  "see every prompt token before the cut (0 cuts before the first layer)")
+        if self.decoder:
+            self.check_prompt_amounts()
+
+    def check_prompt_amounts(self) -> None:
+        """A decoder's prompt is cut once: ``keep`` (and ``after``), no ``r``, ``schedule`` or ``layers``."""
+        if self.keep is None or self.layers is not None:
+            raise ConfigError(f"tokens ({self.method}): a decoder's prompt is cut once, so give keep= (the fraction "
+                              "of prompt tokens kept) and after= (the layers that see them all), not r=, "
+                              "schedule= or layers=")
+
+    @property
+    def decoder(self) -> bool:
+        """Whether this stage cuts a decoder's prompt (a decoder-only method, or ``after=`` given)."""
+        from .methods import TOKEN_METHODS
+
+        return self.after is not None or TOKEN_METHODS.get(self.method).fn is None
+
+    @property
+    def cut_after(self) -> int:
+        """The layers that see every prompt token (``after``, default 2)."""
+        return 2 if self.after is None else self.after
 
     def _check_layers(self) -> None:
         if self.schedule is not None:

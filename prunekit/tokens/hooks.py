@@ -28,13 +28,13 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from .config import TokenStage, removed
+from .decoder import PromptHandle
+from .handle import Handle
 from .layout import TokenLayout, layout_for, valid_tokens
 from .merge import attention_bias
 from .methods import TOKEN_METHODS, LayerTokens
 from .report import TokenReport, token_report
 from .select import cls_attention
-
-_MARK = "_prunekit_tokens"  # the model attribute naming the handle applied to it
 
 
 @dataclass
@@ -51,7 +51,7 @@ class _Run:
     tokens_out: list[int] = field(default_factory=list)
 
 
-class TokenHandle:
+class TokenHandle(Handle):
     """Token pruning applied to ``model`` by hooks. ``enabled``: switch it off and on between
     forwards (:meth:`disabled` for a block); ``sizes``: ``(B, N_out)`` how many input tokens each
     output token of the last forward stands for (0 for padding), for pooling with
@@ -59,9 +59,6 @@ class TokenHandle:
     :meth:`remove`: the model as it was."""
 
     def __init__(self, model: nn.Module, stage: TokenStage, layout: TokenLayout) -> None:
-        if getattr(model, _MARK, None) is not None:
-            raise ConfigError(f"token method {getattr(model, _MARK).stage.method!r} is already applied to this "
-                              "model; call .remove() on its handle (or leave its `with` block) first")
         self.model, self.stage, self.layout = model, stage, layout
         self.method = TOKEN_METHODS.get(stage.method)
         self.plan = stage.plan(len(layout.blocks))
@@ -71,7 +68,7 @@ class TokenHandle:
         self._last: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._hooks: list[Any] = []
         self._install()
-        setattr(model, _MARK, self)
+        self._claim()
 
     # ---------------------------------------------------------------------------- hooks
 
@@ -149,28 +146,8 @@ class TokenHandle:
 
     # ------------------------------------------------------------------------ public
 
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator["TokenHandle"]:
-        """Run the unpruned model inside the block, the hooks idle."""
-        before, self.enabled = self.enabled, False
-        try:
-            yield self
-        finally:
-            self.enabled = before
-
-    def remove(self) -> None:
-        """Take every hook away: the model computes exactly what it did before :func:`apply`."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks, self.enabled, self._run = [], False, None
-        if getattr(self.model, _MARK, None) is self:
-            delattr(self.model, _MARK)
-
-    def __enter__(self) -> "TokenHandle":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+    def _reset(self) -> None:
+        self._run = None
 
     def report(self, inputs: Any = None, repeats: int = 10, warmup: int = 2) -> TokenReport:
         """Tokens and MACs per layer of the last forward; with ``inputs`` (the forward's keyword
@@ -179,59 +156,43 @@ class TokenHandle:
         (:func:`~prunekit.evaluate.latency.latencies_ms`)."""
         latency = dense = None
         if inputs is not None:
-            if not self._hooks:
-                raise ConfigError("this token handle was removed; apply the method again to measure it")
-            with torch.no_grad(), _enabled(self):
-                self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
-            from ..evaluate.latency import latencies_ms
-
-            times = latencies_ms({"dense": _Switch(self, False), "pruned": _Switch(self, True)}, lambda: inputs,
-                                 repeats=repeats, warmup=warmup)
-            latency, dense = times["pruned"], times["dense"]
+            latency, dense = self.measure(inputs, repeats, warmup)
         if self._last is None:
             raise ConfigError(f"no forward has run with token method {self.stage.method!r} on yet; run the model "
                               "once, or pass inputs= to report()")
         return token_report(self.stage.method, self.layout.blocks, *self._last, latency, dense)
 
 
-@contextlib.contextmanager
-def _enabled(handle: TokenHandle) -> Iterator[None]:
-    before, handle.enabled = handle.enabled, True
-    try:
-        yield
-    finally:
-        handle.enabled = before
-
-
-class _Switch(nn.Module):
-    """The handle's model with the method on or off, as a module :func:`latencies_ms` can time
-    (the model is held outside the module tree, so ``.eval()`` here leaves it as it is)."""
-
-    def __init__(self, handle: TokenHandle, on: bool) -> None:
-        super().__init__()
-        self._handle, self._on = (handle,), on
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        handle = self._handle[0]
-        before, handle.enabled = handle.enabled, self._on
-        try:
-            return handle.model(*args, **kwargs)
-        finally:
-            handle.enabled = before
-
-
 def apply(model: nn.Module, method: str | TokenStage, *, keep: float | None = None, r: int | None = None,
-          layers: Any = None, schedule: Any = None, seed: int = 0) -> TokenHandle:
+          layers: Any = None, schedule: Any = None, seed: int = 0, after: int | None = None) -> Handle:
     """Apply token method ``method`` (a :data:`TOKEN_METHODS` name, or a whole
-    :class:`TokenStage`) to ``model`` until ``.remove()``; the arguments are the stage's."""
+    :class:`TokenStage`) to ``model`` until ``.remove()``; the arguments are the stage's.
+
+    An encoder (BERT-style, the zoo ViT) gets a :class:`TokenHandle`; a causal LM gets a
+    :class:`~prunekit.tokens.decoder.PromptHandle`, which cuts each prompt after ``after`` layers
+    to ``keep`` of its tokens (``fastv``, ``divprune``, ``random``)."""
     if isinstance(method, TokenStage):
-        if (keep, r, layers, schedule, seed) != (None, None, None, None, 0):
+        if (keep, r, layers, schedule, seed, after) != (None, None, None, None, 0, None):
             raise ConfigError("apply(model, TokenStage(...)) takes its amounts from the stage; pass keep=, r=, "
-                              "layers=, schedule= and seed= to TokenStage instead")
+                              "layers=, schedule=, seed= and after= to TokenStage instead")
         stage = method
     else:
-        stage = TokenStage(method, keep, r, layers, schedule, seed)  # it normalises lists to tuples
+        stage = TokenStage(method, keep, r, layers, schedule, seed, after)  # it normalises lists to tuples
+    if is_causal_lm(model):
+        return PromptHandle(model, stage)
+    if stage.decoder:
+        raise UnsupportedModelError(f"token method {stage.method!r} with after= cuts a causal LM's prompt, but "
+                                    f"{type(model).__name__} is not a generative decoder; for encoders use evit, "
+                                    "tome or random with keep=, r= or schedule=")
     return TokenHandle(model, stage, layout_for(model, stage.method))
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face decoder-only model that generates (its config is not an encoder-decoder)."""
+    config = getattr(model, "config", None)
+    can_generate = getattr(model, "can_generate", None)
+    return config is not None and not getattr(config, "is_encoder_decoder", False) and callable(can_generate) \
+        and bool(can_generate())
 
 
 @contextlib.contextmanager

@@ -86,8 +86,8 @@ def _refuse_decoders(model: nn.Module, method: str) -> None:
     if causal is not None:
         raise UnsupportedModelError(
             f"{kind} is a decoder (causal attention: {causal}); token method {method!r} drops and merges tokens of "
-            f"bidirectional encoders, reading the [CLS] token at position 0: {SUPPORTED}. For a decoder, prune its "
-            "KV cache instead")
+            f"bidirectional encoders, reading the [CLS] token at position 0: {SUPPORTED}. For a causal LM's prompt "
+            "use fastv, divprune or random on the model AutoModelForCausalLM loads, or prune its KV cache (prunekit.kv)")
 
 
 def _hf_bert(model: nn.Module, layers: nn.ModuleList, method: str) -> TokenLayout:

@@ -52,3 +52,36 @@ def token_report(method: str, blocks: Sequence[Block], tokens_in: Sequence[int],
 
 
 __all__ = ["TokenReport", "token_report"]
+
+
+def stage_report(handle: Any, data: Any, windows: int = 4, repeats: int = 5) -> dict[str, Any]:
+    """A recipe's tokens stage measured on its calibration data: tokens and MACs per layer and
+    latency against the model with the method off, on the first window; for a decoder the
+    continuation perplexity, cut and uncut, over the last ``windows`` windows; for an encoder
+    the cosine of mean embeddings on the first ``windows`` windows."""
+    from ..errors import ConfigError
+    from .decoder import PromptHandle
+    from .quality import continuation_perplexity, embedding_cosine
+
+    ids = getattr(data, "ids", None) if data is not None else None
+    if ids is None:
+        raise ConfigError("a tokens stage is measured on token windows: give the recipe a calibration text (or "
+                          "data= token ids)")
+    device = next(handle.model.parameters()).device
+    first = {"input_ids": ids[:1].to(device)}
+    out: dict[str, Any] = {"method": handle.stage.method, "keep": handle.stage.keep, "r": handle.stage.r,
+                           "applied": "hooks on the returned model (prunekit.tokens.remove(model) takes them off; "
+                                      "prunekit.tokens.apply(model, recipe.stages[-1]) puts them back after load)"}
+    if isinstance(handle, PromptHandle):
+        out["after"] = handle.after
+        out.update(continuation_perplexity(handle, ids[-windows:]))
+    else:
+        rows = ids[:windows].to(device)
+        cosine = None
+        try:
+            cosine = embedding_cosine(handle, {"input_ids": rows})
+        except AttributeError:  # no last_hidden_state (a classifier): quality is the caller's to measure
+            pass
+        out["embedding_cosine"] = cosine
+    out.update(handle.report(first, repeats=repeats, warmup=1).to_dict())
+    return out
