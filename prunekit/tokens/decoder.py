@@ -75,20 +75,27 @@ _CACHES = ("cache", "past_key_values", "past_key_value", "layer_past")
 _GATHERED = {_HIDDEN, "attention_mask", "position_ids", "cache_position", "position_embeddings", *_CACHES}
 
 
+def _parameters(layer: nn.Module) -> tuple[str, ...]:
+    """The names of a layer's forward parameters, read once per layer class."""
+    return _PARAMS.setdefault(type(layer), tuple(inspect.signature(layer.forward).parameters))
+
+
+_PARAMS: dict[type, tuple[str, ...]] = {}
+
+
 def _bind(layer: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """A layer call's arguments by name (its first parameter as ``hidden_states``)."""
-    params = list(inspect.signature(layer.forward).parameters.values())
-    named = {p.name: v for p, v in zip(params, args)}
-    call = {**named, **kwargs}
-    call[_HIDDEN] = call.pop(params[0].name)
+    params = _parameters(layer)
+    call = {**dict(zip(params, args)), **kwargs}
+    call[_HIDDEN] = call.pop(params[0])
     return call
 
 
 def _unbind(layer: nn.Module, call: dict[str, Any]) -> tuple[tuple, dict]:
-    first = next(iter(inspect.signature(layer.forward).parameters))
-    call = dict(call)
-    hidden = call.pop(_HIDDEN)
-    return (hidden,), {k: v for k, v in call.items() if k != first}
+    """Back to a call: the hidden states positional, the rest by keyword."""
+    first = _parameters(layer)[0]
+    rest = {k: v for k, v in call.items() if k not in (_HIDDEN, first)}
+    return (call[_HIDDEN],), rest
 
 
 def _check_arguments(layer: nn.Module, call: dict[str, Any]) -> None:
@@ -313,16 +320,8 @@ class PromptHandle(Handle):
             out.append(n * linear + 2 * n * n * width)
         return tuple(out)
 
-    def report(self, inputs: Any = None, repeats: int = 10, warmup: int = 2) -> TokenReport:
-        """Tokens and MACs per layer of the last cut prompt; with ``inputs`` (the forward's keyword
-        arguments, or ``input_ids``) one prefill on them first, then prefill latency against the
-        uncut model (interleaved medians over ``repeats`` rounds)."""
-        latency = dense = None
-        if inputs is not None:
-            latency, dense = self.measure(inputs, repeats, warmup)
-        if self._last is None:
-            raise ConfigError(f"no prompt has been cut with token method {self.stage.method!r} yet; run the model "
-                              "on one, or pass inputs= to report()")
+    def _report(self, latency: float | None, dense: float | None) -> TokenReport:
+        """The last cut prompt's tokens and MACs per layer (the layers before the cut see all)."""
         tokens_in, tokens_out, n = self._last
         cut, full = self.layer_macs(tokens_in[-1]), self.layer_macs(n)
         macs = tuple(full[i] if i < self.after else cut[i] for i in range(len(self.layers)))

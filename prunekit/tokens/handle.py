@@ -58,6 +58,24 @@ class Handle:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
+    _last: Any
+
+    def report(self, inputs: Any = None, repeats: int = 10, warmup: int = 2) -> Any:
+        """Tokens and MACs per layer of the last forward (a :class:`~prunekit.tokens.TokenReport`);
+        with ``inputs`` (the forward's keyword arguments as a dict, or its one positional
+        argument) one forward on them first, then latency against the model with the method off,
+        interleaved medians over ``repeats`` rounds (:func:`~prunekit.evaluate.latency.latencies_ms`)."""
+        latency = dense = None
+        if inputs is not None:
+            latency, dense = self.measure(inputs, repeats, warmup)
+        if self._last is None:
+            raise ConfigError(f"no forward has run with token method {self.stage.method!r} on yet; run the model "
+                              "once, or pass inputs= to report()")
+        return self._report(latency, dense)
+
+    def _report(self, latency: float | None, dense: float | None) -> Any:
+        raise NotImplementedError
+
     def measure(self, inputs: Any, repeats: int, warmup: int) -> tuple[float, float]:
         """One forward on ``inputs`` (keyword arguments as a dict, or the one positional argument)
         with the handle on, then median milliseconds per forward on and off, in interleaved

@@ -149,17 +149,7 @@ class TokenHandle(Handle):
     def _reset(self) -> None:
         self._run = None
 
-    def report(self, inputs: Any = None, repeats: int = 10, warmup: int = 2) -> TokenReport:
-        """Tokens and MACs per layer of the last forward; with ``inputs`` (the forward's keyword
-        arguments as a dict, or its one positional argument) one forward on them first, then
-        latency against the unpruned model, interleaved medians over ``repeats`` rounds
-        (:func:`~prunekit.evaluate.latency.latencies_ms`)."""
-        latency = dense = None
-        if inputs is not None:
-            latency, dense = self.measure(inputs, repeats, warmup)
-        if self._last is None:
-            raise ConfigError(f"no forward has run with token method {self.stage.method!r} on yet; run the model "
-                              "once, or pass inputs= to report()")
+    def _report(self, latency: float | None, dense: float | None) -> TokenReport:
         return token_report(self.stage.method, self.layout.blocks, *self._last, latency, dense)
 
 

@@ -27,7 +27,7 @@ def continuation_nll(model: nn.Module, prompt: Tensor, continuation: Tensor) -> 
     predict the first continuation token, the continuation's own logits the rest."""
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True)
-        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        cache = out.get("cache", None) or out.get("past_key_values", None)  # transformers 5 names it cache
         rest = model(input_ids=continuation, **{_cache_arg(model): cache}).logits if continuation.shape[1] > 1 else None
     logits = out.logits[:, -1:] if rest is None else torch.cat([out.logits[:, -1:], rest[:, :-1]], 1)  # (B, t, V)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), continuation.flatten().to(logits.device), reduction="sum")
