@@ -428,6 +428,10 @@ def _main(argv: Sequence[str] | None) -> int:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
+    if args.command in ("prune", "run"):
+        from .calibration.distributed import init_from_env
+
+        init_from_env()  # under torchrun: one rank of the group (WORLD_SIZE > 1)
     run = {"prune": commands.cmd_prune, "run": commands.cmd_run, "eval": commands.cmd_eval,
            "bench": commands.cmd_bench, "report": commands.cmd_report,
            "list": commands.cmd_list, "delta": commands.cmd_delta, "merge": commands.cmd_merge}[args.command]
@@ -437,6 +441,10 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"prunekit: error: {exc}", file=sys.stderr)
         return 2
     summary = out.pop("summary", None) if isinstance(out, dict) else None
+    from .calibration import distributed
+
+    if distributed.rank() != 0:  # every rank holds the same result; rank 0 alone reports it
+        return 0
     if args.json:
         if summary and not quiet:
             print(summary, file=sys.stderr)

@@ -17,7 +17,7 @@ log = logging.getLogger("prunekit")
 #: the JSON fields of ``prune`` per stage kind (the contract scripts read)
 PRUNE_FIELDS = {
     "weights": ("method", "pattern", "allocation", "target_sparsity", "sparsity", "params_total", "params_nonzero",
-                "seconds", "nm_valid", "unreached"),
+                "seconds", "nm_valid", "unreached", "data_parallel"),
     "budget": ("structures", "metric", "target_params", "target_macs", "target_latency_ms", "method", "params_before",
                "params_after", "macs_before", "macs_after", "chosen", "candidates", "smallest_reachable", "round_to",
                "latency_ms_before", "latency_ms_after", "loss_held_out", "exact", "seconds"),

@@ -77,6 +77,11 @@ def run(recipe: Recipe, model: nn.Module, *, tokenizer: Any = None, data: Any = 
     ``model`` came from (its recipe and history are continued, so a saved result lists every
     stage that produced it).
     """
+    from .calibration import distributed
+
+    for stage in recipe.stages:
+        if stage_kind(stage) != "weights":
+            distributed.refuse(f"a {stage_kind(stage)} stage")
     check(recipe, model)
     calib = _calibration(recipe, data, tokenizer)
     ctx = StageContext(device, progress, tokenizer, recipe, _teacher(recipe, model))
@@ -142,6 +147,13 @@ def _weights(stage: Any, model: nn.Module, data: Any, ctx: StageContext) -> dict
                device=str(device if device is not None else weight.device))
     if outcome.unreached:
         rep["unreached"] = outcome.unreached
+    from .calibration import distributed
+
+    if distributed.active() and data is not None:
+        n = len(data.batches)
+        rep["data_parallel"] = {"ranks": distributed.world_size(), "batches_per_rank": [
+            b - a for a, b in (distributed.shard_bounds(n, distributed.world_size(), r)
+                               for r in range(distributed.world_size()))]}
     if outcome.dead_inputs:  # every calibration input zero: pruned by magnitude or left dense, not emptied
         rep["dead_inputs"] = outcome.dead_inputs
     if outcome.left_dense:  # weights of layer types one-shot pruning does not handle (e.g. Mamba's A_log)

@@ -20,6 +20,7 @@ memory. Hidden states wait between blocks on the compute device, in CPU memory o
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, ConfigError, ReplayError
 from ..targets import Target
+from . import distributed
 from .cache import OFFLOADS, HiddenCache, Offload
 from .capture import BlockCall, capture_block_inputs
 from .data import CalibrationData, model_device
@@ -166,6 +168,22 @@ def run_sequential(model: nn.Module, data: CalibrationData, blocks: tuple[str, n
     """
     if observer is not None and modifies:
         raise ValueError("observers see a block's only pass; use them with modifies=False")
+    if distributed.active():  # each rank runs its shard; every visit sees all ranks' statistics
+        if observer is not None:
+            distributed.refuse("observing blocks (structural and allocation statistics)")
+        data = dataclasses.replace(data, batches=tuple(distributed.shard(list(data.batches))))
+        visit = distributed.reducing(visit, model)
+    report = _run_sequential(model, data, blocks, layers, visit, gram, moments, modifies, options, observer,
+                             keep_final)
+    if distributed.active():  # a rank with layers left over would wait forever at its next visit
+        distributed.agree("end", "the end of calibration (a rank has layers left to prune)")
+    return report
+
+
+def _run_sequential(model: nn.Module, data: CalibrationData, blocks: tuple[str, nn.ModuleList] | None,
+                    layers: list[dict[str, Target]], visit: GroupVisitor, gram: bool, moments: bool,
+                    modifies: bool, options: RunOptions, observer: Observer | None,
+                    keep_final: list[Tensor] | None) -> RunReport:
     home = model_device(model)
     device = torch.device(options.device) if options.device is not None else home
     was_training = model.training

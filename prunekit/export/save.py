@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..atomic import clean_stale, write_dir_atomically
 from ..errors import ConfigError, OutputError
 
@@ -47,12 +49,28 @@ def save(result: Any, path: str | Path, *, overwrite: bool = False, format: str 
     ``format="compact"`` stores the weights at the size of what they keep (bitmask + values, or
     N:M values + positions; :mod:`prunekit.export.compact`) instead of ``model.safetensors``;
     a model packing would shrink by less than 1% (a structurally pruned one) is saved the usual way."""
-    from .compact import FORMATS, write_compact
-    from .structure import STRUCTURE_FILE, fit_hf_config, structure_record
+    from ..calibration import distributed
+    from .compact import FORMATS
 
     if format not in FORMATS:
         raise ConfigError(f"unknown checkpoint format {format!r}; use one of {', '.join(FORMATS)}")
-    out = check_output(path, overwrite)
+    out = check_output(path, overwrite) if distributed.rank() == 0 else Path(path)
+    if distributed.active():  # every rank holds the same result: rank 0 alone writes it, the others wait for it
+        if distributed.rank() == 0:
+            try:
+                _save(result, out, format)
+            finally:
+                torch.distributed.barrier()
+        else:
+            torch.distributed.barrier()
+        return out
+    return _save(result, out, format)
+
+
+def _save(result: Any, out: Path, format: str) -> Path:
+    from .compact import write_compact
+    from .structure import STRUCTURE_FILE, fit_hf_config, structure_record
+
     model = result.model
     is_hf = hasattr(model, "save_pretrained") and hasattr(model, "config")
     uniform = fit_hf_config(model) if is_hf else False

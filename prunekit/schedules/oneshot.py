@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..allocation import ALLOCATIONS, LayerRef
+from ..calibration import distributed
 from ..calibration import CalibrationData, InputStats, RunOptions, as_calibration, run_sequential
 from ..config import PruneConfig
 from ..errors import ConfigError, DataError, UnsupportedModelError
@@ -260,6 +261,7 @@ def prune_oneshot(model: nn.Module, config: PruneConfig, data: Any = None, *, pr
     plan = make_plan(model, config)
     plan.input_perms = input_permutations(model)  # the model's own record, updated in place
     if {"grad", "grad_l2"} & plan.score.needs:
+        distributed.refuse(f"score {config.score!r} (it reads gradients)")
         plan.grads = target_gradients(model, plan.all_layers, _calibration(data, config, f"score {config.score!r}"),
                                       per_sample_l2="grad_l2" in plan.score.needs)
     amounts = allocate(model, plan, data, progress, device)
