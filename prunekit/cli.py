@@ -85,6 +85,10 @@ def _output(p: argparse.ArgumentParser) -> None:
                    help="how the weights are stored: dense (model.safetensors, plain from_pretrained; the default) "
                         "or compact (sparse weights as bitmask + values, N:M as values + positions, reloaded "
                         "bit-exact by prunekit.load; a model packing would shrink by under 1%% is saved dense)")
+    p.add_argument("--resume", action="store_true",
+                   help="save progress after every block in .DIR.resume/ beside --output (recipes of weights stages, "
+                        "one process) and, when the same command runs again after a crash or kill, continue from it: "
+                        "the same result, bit for bit; removed once the result is saved")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (which layers or groups lose how much, resulting parameters and MACs) "
                         "and exit without changing or writing anything")

@@ -5,6 +5,7 @@ import argparse
 import copy
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from dataclasses import replace
@@ -143,7 +144,9 @@ def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = F
     dense = copy.deepcopy(model) if latency else None
     previous = loaded if loaded.recipe is not None else None
     start = time.perf_counter()
-    result = run(recipe, model, tokenizer=tokenizer, device=device, progress=not args.quiet, previous=previous)
+    resume = resume_dir(args.output) if getattr(args, "resume", False) else None
+    result = run(recipe, model, tokenizer=tokenizer, device=device, progress=not args.quiet, previous=previous,
+                 checkpoint=resume)
     prune_seconds = time.perf_counter() - start
     report = result.report
     if dense is not None:
@@ -152,6 +155,8 @@ def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = F
     report.update(calib=recipe.calibration.text, model=args.model)
     log.info("saving to %s", args.output)
     output = str(result.save(args.output, overwrite=args.overwrite, format=args.format))
+    if resume is not None:  # the result is whole: the progress that led to it is not needed again
+        shutil.rmtree(resume, ignore_errors=True)
     from .evaluate import count_params
     from .export.compact import checkpoint_info
 
@@ -183,6 +188,12 @@ def _execute(args: argparse.Namespace, recipe: Any, t0: float, latency: bool = F
     out["summary"] = summary_table(out, report)
     log.info("saved to %s (%.1f s)", output, out["total_seconds"])
     return out
+
+
+def resume_dir(output: str | Path) -> Path:
+    """Where ``--resume`` keeps a run's progress: ``.NAME.resume`` beside the output directory."""
+    out = Path(output)
+    return out.parent / f".{out.name}.resume"
 
 
 def _save_eval(output: Path, args: argparse.Namespace, recipe: Any, out: dict[str, Any]) -> None:

@@ -3,10 +3,14 @@ reported, all gathered in one :class:`~prunekit.result.Result`."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,13 +73,15 @@ def check(recipe: Recipe, model: nn.Module) -> None:
 
 
 def run(recipe: Recipe, model: nn.Module, *, tokenizer: Any = None, data: Any = None, device: Any = None,
-        progress: bool = True, previous: Result | None = None) -> Result:
+        progress: bool = True, previous: Result | None = None, checkpoint: str | Path | None = None) -> Result:
     """Run every stage of ``recipe`` on ``model`` (in place) and return the result.
 
     ``data``: calibration data (anything :func:`~prunekit.calibration.as_calibration` takes)
     instead of the recipe's text. ``device``: where blocks compute. ``previous``: the result
     ``model`` came from (its recipe and history are continued, so a saved result lists every
-    stage that produced it).
+    stage that produced it). ``checkpoint``: a directory where a recipe of weights stages saves
+    its progress after every block and every stage; run again with the same arguments, it
+    resumes there (:mod:`prunekit.calibration.resume`) and gives the same result bit for bit.
     """
     from .calibration import distributed
 
@@ -88,12 +94,19 @@ def run(recipe: Recipe, model: nn.Module, *, tokenizer: Any = None, data: Any = 
     stages_report: list[dict[str, Any]] = []
     history = list(previous.history) if previous is not None else []
     report: dict[str, Any] = {}
+    keys = _stage_keys(recipe, model, calib) if checkpoint is not None else None
+    done = _resume_stages(Path(checkpoint), keys, model, stages_report, history) if keys else 0
+    report = stages_report[-1] if stages_report else {}
     for i, stage in enumerate(recipe.stages):
+        if i < done:
+            continue
         kind = stage_kind(stage)
         before = measure(model)
         start = time.perf_counter()
         log.info("stage %d/%d: %s", i + 1, len(recipe.stages), kind)
-        details = STAGE_RUNNERS[kind](stage, model, calib, ctx)
+        stage_ctx = dataclasses.replace(ctx, checkpoint=(Path(checkpoint) / f"stage-{i + 1}", keys[i])) \
+            if keys else ctx
+        details = STAGE_RUNNERS[kind](stage, model, calib, stage_ctx)
         after = measure(model)
         seconds = time.perf_counter() - start
         entry = {"stage": i + 1, "kind": kind, "params_before": before["params_total"],
@@ -104,6 +117,8 @@ def run(recipe: Recipe, model: nn.Module, *, tokenizer: Any = None, data: Any = 
         stages_report.append(entry)
         history.append({"kind": kind, "config": stage_to_dict(stage), "seconds": seconds})
         report = entry
+        if keys and i < len(recipe.stages) - 1:  # the last stage's result is the run's own output
+            _save_stage(Path(checkpoint), i, keys[i], model, entry, history[-1])
     full = previous.recipe.stages + recipe.stages if previous is not None and previous.recipe is not None else None
     out_recipe = Recipe(full, recipe.calibration) if full else recipe
     final = {**report, **measure(model), "stages": stages_report}
@@ -121,6 +136,67 @@ class StageContext:
     tokenizer: Any
     recipe: Recipe
     teacher: nn.Module | None = None  # the model before the first stage, when a stage distils from it
+    checkpoint: tuple[Path, str] | None = None  # (directory, key) where a weights stage saves its blocks
+
+
+def _stage_keys(recipe: Recipe, model: nn.Module, calib: Any) -> list[str] | None:
+    """One key per stage (the recipe up to it, the model's parameters' names, shapes and dtypes
+    and its first and last tensors, the calibration batches); None when a stage cannot resume."""
+    from .calibration import distributed
+    from .calibration.resume import digest
+
+    kinds = {stage_kind(s) for s in recipe.stages}
+    if kinds != {"weights"} or distributed.active():
+        log.info("checkpoints resume recipes of weights stages in one process; this run (%s) starts over if stopped",
+                 ", ".join(sorted(kinds)))
+        return None
+    params = list(model.state_dict().items())
+    signature = [(n, list(t.shape), str(t.dtype)) for n, t in params]
+    batches = [t for b in (calib.batches if calib is not None else ()) for t in (*b.args, *b.kwargs.values())
+               if isinstance(t, torch.Tensor)]
+    base = digest(signature, params[0][1], params[-1][1], *batches)
+    stages = recipe.to_dict()["stages"]
+    return [digest(base, recipe.to_dict()["calibration"], stages[: i + 1]) for i in range(len(stages))]
+
+
+def _save_stage(root: Path, i: int, key: str, model: nn.Module, entry: dict, history: dict) -> None:
+    """The model after stage ``i`` and its report, the JSON written last (it marks the stage done)."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    weights = root / f"stage-{i + 1}.safetensors"
+    tmp = root / f".{weights.name}.tmp-{os.getpid()}"
+    save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, str(tmp))  # tied: copies
+    os.replace(tmp, weights)
+    record = root / f"stage-{i + 1}.json"
+    tmp = root / f".{record.name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"key": key, "entry": entry, "history": history}, default=str), encoding="utf-8")
+    os.replace(tmp, record)
+
+
+def _resume_stages(root: Path, keys: list[str], model: nn.Module, stages_report: list, history: list) -> int:
+    """Load the last finished stage a stopped run saved; how many stages are done."""
+    from safetensors.torch import load_file
+
+    done = 0
+    for i, key in enumerate(keys[:-1]):
+        record = root / f"stage-{i + 1}.json"
+        if not record.is_file():
+            break
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        if saved.get("key") != key:
+            raise ConfigError(f"the checkpoint in {root} is from another run (a different recipe, model or "
+                              f"calibration data); delete {root} to start this one over, or write elsewhere")
+        stages_report.append(saved["entry"])
+        history.append(saved["history"])
+        done = i + 1
+    if done:
+        state = load_file(str(root / f"stage-{done}.safetensors"))
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                tensor.copy_(state[name])
+        log.info("resuming from %s: %d of %d stages were done", root, done, len(keys))
+    return done
 
 
 def _teacher(recipe: Recipe, model: nn.Module) -> nn.Module | None:
@@ -136,7 +212,7 @@ def _weights(stage: Any, model: nn.Module, data: Any, ctx: StageContext) -> dict
     from .schedules import prune_oneshot
 
     device, progress = ctx.device, ctx.progress
-    outcome = prune_oneshot(model, stage, data, progress=progress, device=device)
+    outcome = prune_oneshot(model, stage, data, progress=progress, device=device, checkpoint=ctx.checkpoint)
     nm = (stage.pattern.n, stage.pattern.m) if stage.pattern.kind == "nm" else None
     rep = sparsity_report(model, nm=nm, ignore=stage.target.ignore)
     for name, amount in outcome.amounts.items():

@@ -38,6 +38,7 @@ from .capture import BlockCall, capture_block_inputs
 from .data import CalibrationData, model_device
 from .groups import InputGroups
 from .lockstep import GroupVisitor, Lockstep, new_stats, probe
+from .resume import load_progress, restore_blocks, save_block
 from .stats import InputStats
 from .watch import unwatch, watch
 
@@ -55,6 +56,7 @@ class RunOptions:
     offload: Offload = "none"
     progress: bool = True
     desc: str = "blocks"
+    checkpoint: Any = None  # a resume.Checkpoint: save after each block of a pruning pass, resume from it
 
     def __post_init__(self) -> None:
         if self.sequential not in ("layer", "block"):
@@ -215,11 +217,17 @@ def _run_sequential(model: nn.Module, data: CalibrationData, blocks: tuple[str, 
             return report
         for h in hiddens:
             _check_finite(h, "the input of the first block")
+        # one checkpoint directory per run: several ranks would write the same one
+        ckpt = options.checkpoint if modifies and not distributed.active() else None
+        done = _resume(ckpt, modules, report, hiddens) if ckpt is not None else 0
         with HiddenCache(device, options.offload) as cache:
             for b, h in enumerate(hiddens):
                 cache.put(b, h)
             del hiddens
             for i, block in enumerate(tqdm(modules, desc=options.desc, disable=not options.progress, leave=False)):
+                if i < done:  # pruned before the run was stopped: its weights and outputs are restored
+                    calls[i] = []
+                    continue
                 start = time.perf_counter()
                 where = f"{name}.{i}"
                 moved = device != home
@@ -235,6 +243,9 @@ def _run_sequential(model: nn.Module, data: CalibrationData, blocks: tuple[str, 
                     if moved:
                         block.to(home)
                 report.block_seconds.append(time.perf_counter() - start)
+                if ckpt is not None:
+                    save_block(ckpt, i, block, [cache.peek(b).cpu() for b in range(len(data))],
+                               {"unreached": report.unreached, "block_seconds": report.block_seconds})
             if keep_final is not None:
                 keep_final.extend(cache.take(b) for b in range(len(data)))
     finally:
@@ -311,6 +322,22 @@ def _observe_blocks(modules: nn.ModuleList, observer: Observer) -> list[Any]:
                     observer.batch(i, h_in, h_out)
             handles.append(block.register_forward_hook(seen, with_kwargs=True))
     return handles
+
+
+def _resume(ckpt: Any, modules: nn.ModuleList, report: RunReport, hiddens: list[Tensor]) -> int:
+    """Restore a stopped run's finished blocks (weights, and ``hiddens`` replaced by the
+    outputs of the last one); how many blocks are done (0 without a checkpoint)."""
+    progress = load_progress(ckpt)
+    if progress is None:
+        return 0
+    saved = restore_blocks(ckpt, progress, modules)
+    if len(saved) != len(hiddens) or any(a.shape != b.shape for a, b in zip(saved, hiddens)):
+        raise ConfigError(f"the checkpoint in {ckpt.path} holds other calibration batches; delete it to start over")
+    hiddens[:] = [h.to(dtype=old.dtype) for h, old in zip(saved, hiddens)]
+    report.unreached += progress["report"]["unreached"]
+    report.block_seconds += progress["report"]["block_seconds"]
+    log.info("resuming from %s: %d of %d blocks were done", ckpt.path, progress["done"], len(modules))
+    return progress["done"]
 
 
 def _run_whole(model: nn.Module, data: CalibrationData, targets: dict[str, Target], visit: GroupVisitor,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import zlib
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -251,12 +252,14 @@ def target_gradients(model: nn.Module, targets: dict[str, Target], data: Calibra
 
 
 def prune_oneshot(model: nn.Module, config: PruneConfig, data: Any = None, *, progress: bool = True,
-                  device: Any = None) -> OneShotOutcome:
+                  device: Any = None, checkpoint: tuple[Any, str] | None = None) -> OneShotOutcome:
     """Prune ``model`` in place; returns the per-layer amounts and the unreached layers.
 
     ``data``: :class:`~prunekit.calibration.CalibrationData` or anything
     :func:`~prunekit.calibration.as_calibration` takes (token ids ``(N, T)``...). ``device``:
     where blocks compute (None: where the model is); the model stays where it is.
+    ``checkpoint``: ``(directory, key)``: save after each block there and resume from it
+    (:mod:`prunekit.calibration.resume`).
     """
     plan = make_plan(model, config)
     plan.input_perms = input_permutations(model)  # the model's own record, updated in place
@@ -284,9 +287,15 @@ def prune_oneshot(model: nn.Module, config: PruneConfig, data: Any = None, *, pr
         stats = LayerStats(input_norm=inputs.input_norm, generator=plan.generator(names[0]))
         prune_group(plan, targets, names, amounts, stats, inputs)
 
+    options = _options(config, progress, device, f"pruning ({config.method or config.score})")
+    if checkpoint is not None:
+        from ..calibration.resume import Checkpoint
+
+        options = replace(options, checkpoint=Checkpoint(
+            Path(checkpoint[0]), checkpoint[1], state=lambda: {"dead_inputs": outcome.dead_inputs},
+            restore=lambda saved: outcome.dead_inputs.update(saved.get("dead_inputs", {}))))
     run = run_sequential(model, calib, (plan.blocks_name, plan.blocks), plan.layers, visit, gram=needs_hessian,
-                         moments=config.refine != "none", modifies=True, options=_options(config, progress, device,
-                                                         f"pruning ({config.method or config.score})"))
+                         moments=config.refine != "none", modifies=True, options=options)
     if outcome.dead_inputs:
         log.warning("%d layers saw only zero calibration inputs (%s); %s", len(outcome.dead_inputs),
                     ", ".join(list(outcome.dead_inputs)[:4]),
