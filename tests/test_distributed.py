@@ -31,6 +31,8 @@ def free_port() -> int:
 
 def launch(argv: list[str], ranks: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if Path("/sys/class/net/lo").exists():  # gloo on the loopback: a host name that does not resolve cannot stop it
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cmd = [str(TORCHRUN), f"--nproc-per-node={ranks}", f"--master-port={free_port()}", *argv]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
