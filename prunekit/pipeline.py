@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,10 +92,9 @@ def run(recipe: Recipe, model: nn.Module, *, tokenizer: Any = None, data: Any = 
     ctx = StageContext(device, progress, tokenizer, recipe, _teacher(recipe, model))
     stages_report: list[dict[str, Any]] = []
     history = list(previous.history) if previous is not None else []
-    report: dict[str, Any] = {}
     keys = _stage_keys(recipe, model, calib) if checkpoint is not None else None
     done = _resume_stages(Path(checkpoint), keys, model, stages_report, history) if keys else 0
-    report = stages_report[-1] if stages_report else {}
+    report: dict[str, Any] = stages_report[-1] if stages_report else {}
     for i, stage in enumerate(recipe.stages):
         if i < done:
             continue
@@ -161,40 +159,31 @@ def _stage_keys(recipe: Recipe, model: nn.Module, calib: Any) -> list[str] | Non
 
 def _save_stage(root: Path, i: int, key: str, model: nn.Module, entry: dict, history: dict) -> None:
     """The model after stage ``i`` and its report, the JSON written last (it marks the stage done)."""
-    from safetensors.torch import save_file
+    from .atomic import write_text_atomically
+    from .calibration.resume import save_tensors
 
     root.mkdir(parents=True, exist_ok=True)
-    weights = root / f"stage-{i + 1}.safetensors"
-    tmp = root / f".{weights.name}.tmp-{os.getpid()}"
-    save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, str(tmp))  # tied: copies
-    os.replace(tmp, weights)
-    record = root / f"stage-{i + 1}.json"
-    tmp = root / f".{record.name}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"key": key, "entry": entry, "history": history}, default=str), encoding="utf-8")
-    os.replace(tmp, record)
+    save_tensors(model.state_dict(), root / f"stage-{i + 1}.safetensors")
+    write_text_atomically(root / f"stage-{i + 1}.json",
+                          json.dumps({"key": key, "entry": entry, "history": history}, default=str))
 
 
 def _resume_stages(root: Path, keys: list[str], model: nn.Module, stages_report: list, history: list) -> int:
     """Load the last finished stage a stopped run saved; how many stages are done."""
     from safetensors.torch import load_file
 
+    from .calibration.resume import load_into, read_record
+
     done = 0
     for i, key in enumerate(keys[:-1]):
-        record = root / f"stage-{i + 1}.json"
-        if not record.is_file():
+        saved = read_record(root / f"stage-{i + 1}.json", key, root)
+        if saved is None:
             break
-        saved = json.loads(record.read_text(encoding="utf-8"))
-        if saved.get("key") != key:
-            raise ConfigError(f"the checkpoint in {root} is from another run (a different recipe, model or "
-                              f"calibration data); delete {root} to start this one over, or write elsewhere")
         stages_report.append(saved["entry"])
         history.append(saved["history"])
         done = i + 1
     if done:
-        state = load_file(str(root / f"stage-{done}.safetensors"))
-        with torch.no_grad():
-            for name, tensor in model.state_dict().items():
-                tensor.copy_(state[name])
+        load_into(model, load_file(str(root / f"stage-{done}.safetensors")), root, f"stage {done}'s model")
         log.info("resuming from %s: %d of %d stages were done", root, done, len(keys))
     return done
 

@@ -366,3 +366,27 @@ def test_prunekit_run_with_a_tokens_stage(capsys, tiny_llama_dir, tmp_path, tk):
     assert again["uncut_continuation_perplexity"] == pytest.approx(tokens["uncut_continuation_perplexity"], rel=1e-4)
     assert again["continuation_perplexity"] != again["uncut_continuation_perplexity"]
     assert tk.remove(loaded.model) and tk.applied(loaded.model) is None
+
+
+def test_tokens_stage_report_on_an_encoder(tk):
+    """On an encoder the stage reports the cosine of mean embeddings, recomputed here by hand."""
+    import transformers as tf
+    import torch.nn.functional as F
+
+    from prunekit.calibration import CalibrationData
+    from prunekit.tokens.report import stage_report
+
+    torch.manual_seed(0)
+    model = tf.BertModel(tf.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                       intermediate_size=64)).eval()
+    ids = torch.randint(5, 300, (4, 20), generator=torch.Generator().manual_seed(1))
+    with tk.prune(model, "tome", r=4) as handle:
+        rep = stage_report(handle, CalibrationData.from_ids(ids, 2), windows=4, repeats=2)
+        with torch.no_grad():
+            cut = model(input_ids=ids).last_hidden_state
+            sizes = handle.sizes
+            with handle.disabled():
+                dense = model(input_ids=ids).last_hidden_state
+    expected = F.cosine_similarity(tk.weighted_mean(cut, sizes), dense.mean(1), dim=-1).mean()
+    assert rep["embedding_cosine"] == pytest.approx(float(expected), rel=1e-5) and rep["embedding_cosine"] < 1
+    assert tuple(rep["tokens_out"]) == (16, 12, 12) and rep["r"] == 4 and "continuation_perplexity" not in rep

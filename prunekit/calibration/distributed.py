@@ -107,7 +107,7 @@ def agree(value: Any, what: str) -> None:
 
 def reduce_stats(stats: InputStats) -> InputStats:
     """The statistics of every rank's tokens, merged in rank order (identical on every rank)."""
-    parts = {"tokens": _gather(torch.tensor([stats.tokens], dtype=torch.float64, device=_device(stats)))}
+    parts = {"tokens": _gather(torch.tensor([stats.tokens], dtype=torch.float64, device=stats.device))}
     for name in ("gram", "sq", "mean", "m2"):
         value = getattr(stats, name)
         if value is not None:
@@ -123,10 +123,6 @@ def reduce_stats(stats: InputStats) -> InputStats:
     return merged
 
 
-def _device(stats: InputStats) -> torch.device:
-    return (stats.gram if stats.gram is not None else stats.sq).device
-
-
 def checksum(model: nn.Module, names: list[str]) -> list[float]:
     """Float64 sums of the named layers' weights (the same on every rank when they agree)."""
     return [float(model.get_submodule(n).weight.detach().double().sum()) for n in names]
@@ -135,7 +131,7 @@ def checksum(model: nn.Module, names: list[str]) -> list[float]:
 Visitor = Callable[[list[str], InputStats], None]
 
 
-def reducing(visit: Visitor, model: nn.Module, where: str = "") -> Visitor:
+def reducing(visit: Visitor, model: nn.Module) -> Visitor:
     """``visit`` with the ranks agreeing on the group, its statistics merged across ranks, and
     the pruned weights checked equal on every rank afterwards."""
     def visit_all(names: list[str], stats: InputStats) -> None:

@@ -56,32 +56,43 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def _replace(tmp: Path, dest: Path) -> None:
-    os.replace(tmp, dest)
-
-
-def _save_tensors(tensors: dict[str, Tensor], dest: Path) -> None:
+def save_tensors(tensors: dict[str, Tensor], dest: Path) -> None:
+    """``tensors`` to the safetensors file ``dest``, through a temporary name renamed into place."""
     from safetensors.torch import save_file
 
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(tmp))  # shared storage: copies
-    _replace(tmp, dest)
+    os.replace(tmp, dest)
+
+
+def read_record(file: Path, key: str, root: Path) -> dict[str, Any] | None:
+    """The JSON record ``file`` of a run keyed ``key`` (None when absent); an error naming
+    ``root`` for a corrupt record or another run's."""
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"the checkpoint {file} is corrupt ({exc}); delete {root} to start over") from None
+    if record.get("key") != key:
+        raise ConfigError(f"the checkpoint in {root} is from another run (a different recipe, model or "
+                          f"calibration data); delete {root} to start this one over, or write to another --output")
+    return record
+
+
+def load_into(module: nn.Module, state: dict[str, Tensor], root: Path, what: str) -> None:
+    """Copy a saved ``state`` into ``module``'s own tensors; an error unless names and shapes match."""
+    own = module.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise ConfigError(f"the checkpoint in {root} does not fit {what} of this model; delete it to start over")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state[k])
 
 
 def load_progress(ckpt: Checkpoint) -> dict[str, Any] | None:
     """The saved progress of this run, None when there is none; an error for another run's."""
-    file = ckpt.path / PROGRESS
-    if not file.is_file():
-        return None
-    try:
-        progress = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"the checkpoint {file} is corrupt ({exc}); delete {ckpt.path} to start over") from None
-    if progress.get("key") != ckpt.key:
-        raise ConfigError(f"the checkpoint in {ckpt.path} is from another run (a different recipe, model or "
-                          f"calibration data); delete {ckpt.path} to start this one over, or write to another "
-                          "--output")
-    return progress
+    return read_record(ckpt.path / PROGRESS, ckpt.key, ckpt.path)
 
 
 def restore_blocks(ckpt: Checkpoint, progress: dict[str, Any], modules: nn.ModuleList) -> list[Tensor]:
@@ -89,14 +100,7 @@ def restore_blocks(ckpt: Checkpoint, progress: dict[str, Any], modules: nn.Modul
     from safetensors.torch import load_file
 
     for i in range(progress["done"]):
-        state = load_file(str(ckpt.path / f"block-{i}.safetensors"))
-        block = modules[i]
-        own = block.state_dict()
-        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-            raise ConfigError(f"the checkpoint in {ckpt.path} does not fit block {i} of this model; delete it")
-        with torch.no_grad():
-            for k, v in own.items():
-                v.copy_(state[k])
+        load_into(modules[i], load_file(str(ckpt.path / f"block-{i}.safetensors")), ckpt.path, f"block {i}")
     hidden = load_file(str(ckpt.path / progress["hidden"]))
     if ckpt.restore is not None:
         ckpt.restore(progress.get("state", {}))
@@ -105,17 +109,18 @@ def restore_blocks(ckpt: Checkpoint, progress: dict[str, Any], modules: nn.Modul
 
 def save_block(ckpt: Checkpoint, i: int, block: nn.Module, hidden: list[Tensor], report: dict[str, Any]) -> None:
     """Record that block ``i`` is done: its weights, the hidden states leaving it, then the progress."""
+    from ..atomic import write_text_atomically
+
     ckpt.path.mkdir(parents=True, exist_ok=True)
-    _save_tensors(block.state_dict(), ckpt.path / f"block-{i}.safetensors")
+    save_tensors(block.state_dict(), ckpt.path / f"block-{i}.safetensors")
     name = f"hidden-{i}.safetensors"
-    _save_tensors({str(b): h for b, h in enumerate(hidden)}, ckpt.path / name)
+    save_tensors({str(b): h for b, h in enumerate(hidden)}, ckpt.path / name)
     progress = {"key": ckpt.key, "done": i + 1, "hidden": name, "report": report,
                 "state": ckpt.state() if ckpt.state is not None else {}}
-    tmp = ckpt.path / f".{PROGRESS}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(progress, default=str), encoding="utf-8")
-    _replace(tmp, ckpt.path / PROGRESS)
+    write_text_atomically(ckpt.path / PROGRESS, json.dumps(progress, default=str))
     old = ckpt.path / f"hidden-{i - 1}.safetensors"
     old.unlink(missing_ok=True)  # the progress no longer names it
 
 
-__all__ = ["Checkpoint", "digest", "load_progress", "restore_blocks", "save_block"]
+__all__ = ["Checkpoint", "digest", "load_into", "load_progress", "read_record", "restore_blocks", "save_block",
+           "save_tensors"]

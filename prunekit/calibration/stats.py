@@ -62,11 +62,14 @@ class InputStats:
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device) if moments else None  # (in,)
         self.m2 = torch.zeros(dim, dtype=torch.float64, device=device) if moments else None  # (in,)
 
+    @property
+    def device(self) -> torch.device:
+        return (self.gram if self.gram is not None else self.sq).device
+
     @classmethod
     def like(cls, other: InputStats) -> InputStats:
         """Empty statistics of the same kind and place as ``other``."""
-        device = (other.gram if other.gram is not None else other.sq).device
-        return cls(other.dim, gram=other.gram is not None, moments=other.mean is not None, device=device)
+        return cls(other.dim, gram=other.gram is not None, moments=other.mean is not None, device=other.device)
 
     def add(self, x: Tensor, channels_first: bool = False) -> None:
         """Accumulate ``x`` (..., in), or (B, in, *spatial) with ``channels_first`` (convolutions)."""

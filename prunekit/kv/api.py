@@ -46,7 +46,7 @@ def cache(model: nn.Module, policy: str, budget: int | float | None = None, **pa
             check_floor(budget, *chosen.floor(), budget)
     config = check_decoder(model)
     if chosen.needs_attention:
-        check_eager(model, policy)
+        check_eager(model, f"policy {policy!r}")
     kv = KVCache(chosen, budget, config.num_hidden_layers)
     kv._handles = attach(kv, model)
     return kv

@@ -63,12 +63,14 @@ def check_decoder(model: nn.Module, what: str = "KV-cache policies") -> Any:
     return text
 
 
-def check_eager(model: nn.Module, policy: str) -> None:
+def check_eager(model: nn.Module, who: str, reads: str = "scores cached tokens by the attention probabilities "
+                "they receive") -> None:
+    """Refuse ``model`` unless it runs eager attention: ``who`` (``policy 'h2o'``) ``reads`` the
+    probabilities, which SDPA and flash attention never form."""
     impl = getattr(model.config, "_attn_implementation", None)
     if impl != "eager":
-        raise NeedsEagerAttention(
-            f"policy {policy!r} scores cached tokens by the attention probabilities they receive, which "
-            f"{type(model).__name__}'s {impl!r} attention never forms; {eager_hint(model)}")
+        raise NeedsEagerAttention(f"{who} {reads}, which {type(model).__name__}'s {impl!r} attention never forms; "
+                                  f"{eager_hint(model)}")
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

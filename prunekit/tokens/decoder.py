@@ -173,7 +173,7 @@ class PromptHandle(Handle):
             raise ConfigError(f"tokens: after={self.after} leaves no layer to cut the prompt for: "
                               f"{type(model).__name__} has {len(self.layers)} layers; use 0 to {len(self.layers) - 1}")
         if "last_attn" in self.method.prompt_needs:
-            self._check_fastv(impl)
+            self._check_fastv()
         self.enabled = True
         self._cuts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._state: tuple[str, _Cut | None] | None = None  # ("prompt" | "continue", cut) during a forward
@@ -203,15 +203,14 @@ class PromptHandle(Handle):
         finally:
             self._last = None
 
-    def _check_fastv(self, impl: str) -> None:
+    def _check_fastv(self) -> None:
+        from ..kv.attention import check_eager
+
         if self.after < 1:
             raise ConfigError(f"tokens ({self.stage.method}): after=0 leaves no layer whose attention ranks the prompt "
                               "tokens; use after >= 1 (FastV's K, 2 in its paper)")
-        if impl != "eager":
-            raise UnsupportedModelError(
-                f"token method {self.stage.method!r} ranks prompt tokens by the attention probabilities the last "
-                f"token pays, which {type(self.model).__name__}'s {impl!r} attention never forms; load the model with "
-                'attn_implementation="eager" (or call model.set_attn_implementation("eager"))')
+        check_eager(self.model, f"token method {self.stage.method!r}",
+                    "ranks prompt tokens by the attention probabilities the last token pays")
 
     # ---------------------------------------------------------------------------- hooks
 

@@ -56,14 +56,17 @@ def continuation_perplexity(handle: Handle, windows: Tensor, prompt_fraction: fl
             "prompt_tokens": split, "continuation_tokens": windows.shape[1] - split, "windows": windows.shape[0]}
 
 
-def embedding_cosine(handle: Any, inputs: dict[str, Tensor]) -> float:
+def embedding_cosine(handle: Any, inputs: dict[str, Tensor]) -> float | None:
     """Mean cosine between the size-weighted mean of the last hidden states with the method on
-    and off (``inputs``: an encoder's keyword arguments, with ``attention_mask`` when padded)."""
+    and off (``inputs``: an encoder's keyword arguments, with ``attention_mask`` when padded);
+    None for a model whose output has no ``last_hidden_state`` (a classifier)."""
     before = handle.enabled
     try:
         with torch.no_grad():
             handle.enabled = False
-            dense = handle.model(**inputs).last_hidden_state  # (B, N, d)
+            dense = getattr(handle.model(**inputs), "last_hidden_state", None)  # (B, N, d)
+            if dense is None:
+                return None
             mask = inputs.get("attention_mask")
             sizes = mask.float() if mask is not None else torch.ones(dense.shape[:2], device=dense.device)
             handle.enabled = True

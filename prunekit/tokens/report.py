@@ -76,12 +76,6 @@ def stage_report(handle: Any, data: Any, windows: int = 4, repeats: int = 5) -> 
         out["after"] = handle.after
         out.update(continuation_perplexity(handle, ids[-windows:]))
     else:
-        rows = ids[:windows].to(device)
-        cosine = None
-        try:
-            cosine = embedding_cosine(handle, {"input_ids": rows})
-        except AttributeError:  # no last_hidden_state (a classifier): quality is the caller's to measure
-            pass
-        out["embedding_cosine"] = cosine
+        out["embedding_cosine"] = embedding_cosine(handle, {"input_ids": ids[:windows].to(device)})
     out.update(handle.report(first, repeats=repeats, warmup=1).to_dict())
     return out
