@@ -17,6 +17,9 @@ log = logging.getLogger("prunekit")
 
 #: the JSON fields of ``prune`` per stage kind (the contract scripts read)
 PRUNE_FIELDS = {
+    "tokens": ("method", "keep", "r", "after", "tokens_in", "tokens_out", "macs_ratio", "latency_ms",
+               "dense_latency_ms", "speedup", "continuation_perplexity", "uncut_continuation_perplexity",
+               "prompt_tokens", "windows", "embedding_cosine", "attn_implementation"),
     "weights": ("method", "pattern", "allocation", "target_sparsity", "sparsity", "params_total", "params_nonzero",
                 "seconds", "nm_valid", "unreached", "data_parallel"),
     "budget": ("structures", "metric", "target_params", "target_macs", "target_latency_ms", "method", "params_before",
@@ -263,9 +266,7 @@ def _dry_run(args: argparse.Namespace, recipe: Any, model: Any, tokenizer: Any, 
 def _stage_summary(stage: dict[str, Any]) -> dict[str, Any]:
     keep = ("stage", "kind", "params_before", "params_after", "sparsity", "macs_before", "macs_after", "seconds",
             "method", "structure", "ratio", "pattern", "exact", "structures", "chosen",
-            # a tokens stage
-            "keep", "r", "after", "tokens_in", "tokens_out", "macs_ratio", "latency_ms", "dense_latency_ms", "speedup",
-            "continuation_perplexity", "uncut_continuation_perplexity", "prompt_tokens", "windows", "embedding_cosine")
+            *PRUNE_FIELDS["tokens"])
     return {k: stage[k] for k in keep if k in stage}
 
 

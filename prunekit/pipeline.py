@@ -268,11 +268,23 @@ def _tokens(stage: Any, model: nn.Module, data: Any, ctx: StageContext) -> dict[
     """Apply the token stage to the finished model (it stays applied: the result's model runs
     with it; ``prunekit.tokens.remove(result.model)`` takes it off) and measure it on the
     calibration data against the model with it off."""
-    from .tokens import apply
+    from .tokens import TOKEN_METHODS, apply, is_causal_lm
     from .tokens.report import stage_report
 
+    switched = None
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if "last_attn" in TOKEN_METHODS.get(stage.method).prompt_needs and impl != "eager" and is_causal_lm(model) \
+            and hasattr(model, "set_attn_implementation"):
+        # the stage's method reads attention probabilities, which only eager attention forms
+        log.info("tokens: %s reads attention probabilities; switching %s from %r to eager attention", stage.method,
+                 type(model).__name__, impl)
+        model.set_attn_implementation("eager")
+        switched = f"{impl} -> eager ({stage.method} reads attention probabilities)"
     handle = apply(model, stage)
-    return stage_report(handle, data)
+    report = stage_report(handle, data)
+    if switched is not None:
+        report["attn_implementation"] = switched
+    return report
 
 
 STAGE_RUNNERS = {"weights": _weights, "structure": _structure, "budget": _budget, "training": _training,

@@ -368,6 +368,22 @@ def test_prunekit_run_with_a_tokens_stage(capsys, tiny_llama_dir, tmp_path, tk):
     assert tk.remove(loaded.model) and tk.applied(loaded.model) is None
 
 
+def test_a_fastv_stage_switches_the_cli_model_to_eager_attention(capsys, tiny_llama_dir, tmp_path, tk):
+    """The CLI loads models with SDPA; a fastv stage needs the probabilities, so the run switches
+    to eager attention and says so in the stage report."""
+    from conftest import last_json, run_cli
+
+    recipe = tmp_path / "fastv.yaml"
+    recipe.write_text("calibration: {text: default, nsamples: 4, seqlen: 48, batch_size: 2}\n"
+                      "stages: [{tokens: {method: fastv, keep: 0.5, after: 1}}]\n")
+    code, out, err = run_cli(capsys, "run", recipe, tiny_llama_dir, "--output", tmp_path / "o", "--json", "--quiet")
+    assert code == 0, err
+    stage = last_json(out)
+    assert stage["method"] == "fastv" and stage["tokens_in"] == [48, 24]
+    assert stage["continuation_perplexity"] != stage["uncut_continuation_perplexity"]
+    assert stage["attn_implementation"].startswith("sdpa -> eager")
+
+
 def test_tokens_stage_report_on_an_encoder(tk):
     """On an encoder the stage reports the cosine of mean embeddings, recomputed here by hand."""
     import transformers as tf
